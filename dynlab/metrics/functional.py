@@ -1,0 +1,86 @@
+"""Per-token probe statistics of the predictive distribution (squeezing, argmax mass, A and G norms),
+and their per-sequence reduction. Pure tensor maths, float32, chunked over tokens.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from dynlab.losses.logps import segment_mean, segment_sum
+
+SUM_METRICS = ("logp", "argmax_logp", "except_argmax_logp")  # summed over the response tokens
+MEAN_METRICS = ("max_prob", "peakiness", "entropy", "a_norm", "p_e", "energy")  # averaged over the response tokens
+SEQUENCE_METRICS = SUM_METRICS + MEAN_METRICS
+
+
+@torch.no_grad()
+def token_stats(logits: Tensor, targets: Tensor, chunk_size: int = 1024) -> dict[str, Tensor]:
+    """Per-token statistics of pi = softmax(logits), computed in float32 without gradients.
+
+    - ``logp`` = log pi(y); ``argmax_logp`` = log max_v pi(v) (always >= ``logp``); ``max_prob`` = max_v pi(v)
+    - ``except_argmax_logp`` = log(1 - max_v pi(v)), as a logsumexp over every column but the argmax, so it
+      stays finite when max_v pi(v) rounds to 1 in float32
+    - ``peakiness`` = ||pi||^2 (1/V uniform ... 1 one-hot); ``entropy`` = -sum_v pi log pi (0 log 0 = 0)
+    - ``a_norm`` = ||I - 1 pi^T||_F = sqrt(V - 2 + V ||pi||^2) (sqrt(V - 1) uniform ... sqrt(2V - 2) one-hot)
+    - ``p_e`` = ||pi - e_y||_2 in [0, sqrt 2]; ``energy`` = 1 - pi(y) in [0, 1]
+
+    Args:
+        logits: (N, V) logits at response positions, any float dtype.
+        targets: (N,) int64 next-token ids in [0, V).
+        chunk_size: rows processed at once; bounds the live float32 memory to a few (chunk_size, V) tensors.
+
+    Returns:
+        Name -> (N,) float32 tensor, for every name in ``SEQUENCE_METRICS``.
+    """
+    if logits.dim() != 2 or targets.shape != logits.shape[:1]:
+        raise ValueError(f"expected logits (N, V), targets (N,); got {tuple(logits.shape)}, {tuple(targets.shape)}")
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+    n, vocab = logits.shape
+    out = {name: logits.new_empty(n, dtype=torch.float32) for name in SEQUENCE_METRICS}
+    targets = targets.long()
+    for s in range(0, n, chunk_size):
+        rows, y = slice(s, s + chunk_size), targets[s : s + chunk_size, None]  # y (c, 1)
+        logpi = torch.log_softmax(logits[rows].float(), dim=-1)  # (c, V)
+        max_logp, argmax = logpi.max(dim=-1, keepdim=True)  # (c, 1)
+        out["logp"][rows] = logpi.gather(1, y).squeeze(1)
+        out["argmax_logp"][rows] = max_logp.squeeze(1)
+        out["max_prob"][rows] = max_logp.squeeze(1).exp()
+
+        pi = logpi.exp()  # (c, V)
+        peak = torch.einsum("nv,nv->n", pi, pi)  # ||pi||^2, (c,)
+        pi_y = pi.gather(1, y).squeeze(1)  # (c,)
+        out["peakiness"][rows] = peak
+        out["a_norm"][rows] = (vocab - 2 + vocab * peak).clamp(min=0).sqrt()
+        out["p_e"][rows] = (peak - 2 * pi_y + 1).clamp(min=0).sqrt()
+        out["energy"][rows] = 1 - pi_y
+        # -inf log-probs (from -inf logits) have pi = 0; clamping makes 0 * log 0 = 0 instead of NaN
+        logpi.clamp_(min=torch.finfo(torch.float32).min)
+        out["entropy"][rows] = -torch.einsum("nv,nv->n", pi, logpi)
+        del pi
+        # log(1 - max pi) = log sum_{v != argmax} pi_v, never 1 - (a number that rounded to 1)
+        out["except_argmax_logp"][rows] = logpi.scatter_(1, argmax, float("-inf")).logsumexp(dim=-1)
+    return out
+
+
+def sequence_stats(token_stats: dict[str, Tensor], seq_index: Tensor, num_seqs: int) -> dict[str, Tensor]:
+    """Reduce per-token statistics to per-sequence ones: ``SUM_METRICS`` summed, ``MEAN_METRICS`` averaged.
+
+    Args:
+        token_stats: name -> (N,) per-token values (from ``token_stats``; any subset of ``SEQUENCE_METRICS``).
+        seq_index: (N,) int64 sequence of each token, in [0, num_seqs).
+        num_seqs: B, the number of sequences.
+
+    Returns:
+        Name -> (B,) tensor. A sequence without tokens gets 0 for every metric.
+    """
+    out = {}
+    for name, values in token_stats.items():
+        if name in SUM_METRICS:
+            out[name] = segment_sum(values, seq_index, num_seqs)
+        elif name in MEAN_METRICS:
+            out[name] = segment_mean(values, seq_index, num_seqs)
+        else:
+            raise ValueError(f"unknown token statistic {name!r}; expected one of {SEQUENCE_METRICS}")
+    return out
