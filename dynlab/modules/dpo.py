@@ -1,0 +1,101 @@
+"""DPOModule: off-policy DPO (and IPO, hinge, cDPO) against a frozen reference equal to the initial policy.
+
+    dynlab fit --config configs/dpo.yaml
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Any, ClassVar, Literal
+
+import torch
+from torch import Tensor, nn
+
+from dynlab.losses.dpo import dpo_loss
+from dynlab.modules.base import CausalLMModule, disable_dropout
+
+
+def frozen_copy(model: nn.Module) -> nn.Module:
+    """A reference: the same weights, no gradients, eval mode and dropout explicitly 0."""
+    reference = disable_dropout(copy.deepcopy(model))
+    return reference.requires_grad_(False).eval()
+
+
+class DPOModule(CausalLMModule):
+    """Direct preference optimisation on (prompt, chosen, rejected) pairs.
+
+    Args:
+        beta: strength of the implicit KL penalty.
+        label_smoothing: cDPO's assumed label-noise rate (sigmoid loss only).
+        loss_type: ``sigmoid`` (DPO), ``ipo`` or ``hinge``.
+        precompute_ref_logps: compute the reference log-probs of every training pair once at the start of fit and
+            free the reference model (saves a forward per step and the reference's memory).
+        **kwargs: see CausalLMModule.
+    """
+
+    training_view: ClassVar[str] = "dpo"
+
+    def __init__(self, *args: Any, beta: float = 0.1, label_smoothing: float = 0.0,
+                 loss_type: Literal["sigmoid", "ipo", "hinge"] = "sigmoid", precompute_ref_logps: bool = False,
+                 **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        self.save_hyperparameters(ignore=["optimizer", "scheduler"])
+        # kept out of the module tree: not trained, not checkpointed (it is rebuilt from the initial weights)
+        self._reference: list[nn.Module] = [frozen_copy(self.policy)]
+        self.ref_logps: Tensor | None = None  # (pairs, 2) when precomputed
+
+    @property
+    def reference(self) -> nn.Module:
+        return self._reference[0]
+
+    def on_fit_start(self) -> None:
+        if self.ref_logps is None and self._reference:
+            self.reference.to(self.device)
+        if self.hparams.precompute_ref_logps and self.ref_logps is None:
+            self.ref_logps = self._precompute_ref_logps()
+        if self.ref_logps is not None:
+            self.ref_logps = self.ref_logps.to(self.device)
+            self._reference.clear()  # the cache replaces the model
+
+    @torch.no_grad()
+    def _precompute_ref_logps(self) -> Tensor:
+        datamodule = self.trainer.datamodule
+        cache = torch.zeros(len(datamodule.train_examples), 2, device=self.device)
+        for batch in datamodule.ordered_train_dataloader():
+            batch = {k: v.to(self.device) for k, v in batch.items()}
+            cache[batch["index"]] = torch.stack(self.sequence_logps(batch, self.reference).chunk(2), dim=1)
+        return self.trainer.strategy.reduce(cache, reduce_op="sum")  # each pair was computed by one rank
+
+    def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
+        policy_chosen, policy_rejected = self.sequence_logps(batch).chunk(2)
+        if self.ref_logps is not None:
+            ref_chosen, ref_rejected = self.ref_logps[batch["index"]].unbind(1)
+        else:
+            with torch.no_grad():
+                ref_chosen, ref_rejected = self.sequence_logps(batch, self.reference).chunk(2)
+        hp = self.hparams
+        losses, chosen_rewards, rejected_rewards = dpo_loss(
+            policy_chosen, policy_rejected, ref_chosen, ref_rejected, beta=hp.beta,
+            label_smoothing=hp.label_smoothing, loss_type=hp.loss_type)
+        loss = losses.mean()
+        n = losses.shape[0]
+        self.log("train/loss", loss, prog_bar=True, batch_size=n)
+        self.log_dict({
+            "train/rewards/chosen": chosen_rewards.mean(),
+            "train/rewards/rejected": rejected_rewards.mean(),
+            "train/rewards/margin": (chosen_rewards - rejected_rewards).mean(),
+            "train/rewards/accuracy": (chosen_rewards > rejected_rewards).float().mean(),
+            "train/logps/chosen": policy_chosen.detach().mean(),
+            "train/logps/rejected": policy_rejected.detach().mean(),
+        }, batch_size=n)
+        return loss
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        super().on_save_checkpoint(checkpoint)
+        if self.ref_logps is not None:
+            checkpoint["dynlab_ref_logps"] = self.ref_logps.cpu()
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        super().on_load_checkpoint(checkpoint)
+        if "dynlab_ref_logps" in checkpoint:
+            self.ref_logps = checkpoint["dynlab_ref_logps"]

@@ -1,0 +1,44 @@
+"""SFTModule: supervised finetuning on (prompt, chosen); ExtendSFTModule: the paper's extension, SFT on (prompt, chosen)
+and (prompt, rejected) as separate examples, which lifts rejected responses out of the low-probability valley
+before DPO.
+
+    dynlab fit --config configs/sft.yaml
+    dynlab fit --config configs/extend_sft.yaml
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar, Literal
+
+from torch import Tensor
+
+from dynlab.losses.sft import sft_loss
+from dynlab.modules.base import CausalLMModule
+
+
+class SFTModule(CausalLMModule):
+    """Negative log-likelihood of the response tokens (prompt tokens masked).
+
+    Args:
+        reduction: ``token_mean`` (every response token weighs the same), ``sequence_mean`` or ``sum``.
+        **kwargs: see CausalLMModule.
+    """
+
+    training_view: ClassVar[str] = "sft"
+
+    def __init__(self, *args: Any, reduction: Literal["token_mean", "sequence_mean", "sum"] = "token_mean",
+                 **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        self.reduction = reduction
+
+    def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
+        logps, seq_index = self.response_token_logps(batch)
+        loss = sft_loss(logps, seq_index, batch["input_ids"].shape[0], reduction=self.reduction)
+        self.log("train/loss", loss, prog_bar=True, batch_size=batch["input_ids"].shape[0])
+        return loss
+
+
+class ExtendSFTModule(SFTModule):
+    """SFT on chosen AND rejected responses (the data module gives both as separate examples)."""
+
+    training_view: ClassVar[str] = "extend"

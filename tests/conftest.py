@@ -1,0 +1,35 @@
+"""Shared fixtures: the tiny model spec, runs inside a temporary directory, and the dynlab CLI in-process."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from dynlab.models.load import ModelSpec
+
+REPO = Path(__file__).resolve().parents[1]
+CONFIGS = REPO / "configs"
+SHARED_PROBE_FILE = REPO.parent / "shared" / "data" / "hh_probe" / "probe_test.jsonl"
+
+
+@pytest.fixture
+def tiny_spec() -> ModelSpec:
+    return ModelSpec(name_or_path="tiny")
+
+
+@pytest.fixture
+def in_tmp(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """Run in a fresh directory so ``runs/`` and everything else a run writes lands in tmp_path."""
+    monkeypatch.chdir(tmp_path)
+    return tmp_path
+
+
+def run_dynlab(*args: str, cwd: Path, timeout: float = 900, env: dict | None = None) -> subprocess.CompletedProcess:
+    """``dynlab ARGS`` as a subprocess (the only safe way to run DDP from pytest), output captured."""
+    full_env = {**os.environ, **(env or {})}
+    return subprocess.run([sys.executable, "-m", "dynlab.cli", *args], cwd=cwd, env=full_env, text=True,
+                          capture_output=True, timeout=timeout)
