@@ -8,6 +8,7 @@ from collections.abc import Sequence
 from typing import Literal
 
 import lightning as L
+import torch
 from torch.utils.data import DataLoader, DistributedSampler
 
 from dynlab.data.formats import load_rows
@@ -169,8 +170,11 @@ class ProbeDataModule(L.LightningDataModule):
         return ShardSampler(dataset, trainer.world_size if trainer else 1, trainer.global_rank if trainer else 0)
 
     def train_dataloader(self) -> DataLoader:
+        # its own generator: the shuffle order depends on the seed alone, not on how much global RNG other loaders
+        # (probe evaluation, cached reference log-probs) consumed before training
         return DataLoader(self.train_examples, batch_size=self.hp.batch_size, shuffle=True,
-                          collate_fn=self._collate, num_workers=self.hp.num_workers)
+                          generator=torch.Generator().manual_seed(self.hp.seed), collate_fn=self._collate,
+                          num_workers=self.hp.num_workers)
 
     def ordered_train_dataloader(self) -> DataLoader:
         """The training examples in order, sharded over ranks (for cached reference log-probs)."""

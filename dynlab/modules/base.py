@@ -68,7 +68,7 @@ class CausalLMModule(L.LightningModule):
         self.save_hyperparameters(ignore=["optimizer", "scheduler"])
         self.spec = policy or ModelSpec()
         self.tokenizer = load_tokenizer(self.spec)
-        self.policy = load_model(self.spec, init_from)
+        self.policy = load_model(self.spec, init_from).train()  # from_pretrained returns eval mode
         if not dropout:
             disable_dropout(self.policy)
         self.optimizer_factory, self.scheduler_factory = optimizer, scheduler
