@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import sys
+import warnings
 from collections.abc import Sequence
 
 from lightning.pytorch.cli import LightningCLI
@@ -44,11 +45,27 @@ class DynlabCLI(LightningCLI):
 
 def main(argv: Sequence[str] | None = None) -> None:
     """Entry point of the ``dynlab`` console script."""
+    # called with explicit args from Python (tests, sweeps), sys.argv belongs to the caller
+    warnings.filterwarnings("ignore", message="LightningCLI's args parameter is intended")
     try:
         DynlabCLI(args=None if argv is None else list(argv))
-    except InputError as err:
+    except Exception as exc:
+        err = _input_error(exc)
+        if err is None:
+            raise
         print(f"dynlab: error: {err}", file=sys.stderr)
         sys.exit(2)
+
+
+def _input_error(exc: BaseException | None) -> InputError | None:
+    """The InputError behind ``exc``: jsonargparse wraps errors raised while it instantiates the classes."""
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        if isinstance(exc, InputError):
+            return exc
+        seen.add(id(exc))
+        exc = exc.__cause__ or exc.__context__
+    return None
 
 
 if __name__ == "__main__":
