@@ -1,11 +1,14 @@
 """The ``dynlab`` command: LightningCLI for fit/validate/test, plus thin extra subcommands.
 
-    dynlab fit --config configs/dpo.yaml [--config configs/tiny.yaml] [--model.beta=0.2 ...]
+    dynlab fit --config configs/dpo.yaml [--config configs/tiny.yaml] [--model.init_args.beta=0.2 ...]
     dynlab fit --config configs/dpo.yaml --print_config
+    dynlab plot RUN_DIR [RUN_DIR ...] --out DIR
+    dynlab probe build --source synthetic --split test --size 100 --out probe_test.jsonl
 """
 
 from __future__ import annotations
 
+import argparse
 import sys
 import warnings
 from collections.abc import Sequence
@@ -34,7 +37,7 @@ class DynlabCLI(LightningCLI):
 
     def _prepare_data(self) -> None:
         # read, validate and tokenize all data now, so bad input fails before the run directory is written
-        self.datamodule.prepare(self.model.tokenizer, self.model.training_view)
+        self.datamodule.prepare(self.model.tokenizer, self.model.training_view, self.model.generate)
 
     before_fit = before_validate = before_test = _prepare_data
 
@@ -43,8 +46,83 @@ class DynlabCLI(LightningCLI):
             print(f"dynlab: run directory: {self.model.run_dir}  (metrics.csv, config.yaml, checkpoints/, export/)")
 
 
+def plot_command(argv: Sequence[str]) -> None:
+    """``dynlab plot``: paper-style PNG figures from one or more runs' probe trajectories."""
+    parser = argparse.ArgumentParser(prog="dynlab plot", description=plot_command.__doc__)
+    parser.add_argument("runs", nargs="+", help="run directories (runs/<stage>/version_N)")
+    parser.add_argument("--out", required=True, help="directory for the PNG files")
+    args = parser.parse_args(argv)
+    from dynlab.tracking.plots import plot_runs
+
+    try:
+        written = plot_runs(args.runs, args.out)
+    except FileNotFoundError as err:
+        raise InputError(str(err)) from err
+    for path in written:
+        print(path)
+
+
+def probe_command(argv: Sequence[str]) -> None:
+    """``dynlab probe build``: write a probe set in the paper's probe jsonl format from any preference source."""
+    parser = argparse.ArgumentParser(prog="dynlab probe", description=probe_command.__doc__)
+    sub = parser.add_subparsers(dest="action", required=True)
+    build = sub.add_parser("build", help="build a probe split and write it as jsonl")
+    build.add_argument("--source", default="synthetic", help="synthetic, a local file, or a hub dataset id")
+    build.add_argument("--split", choices=["train", "test"], default="test",
+                       help="probe_train (training prompts) or probe_test (held-out prompts)")
+    build.add_argument("--dataset-split", default="train", help="split of a hub dataset to read")
+    build.add_argument("--heldout-split", default=None, help="hub split holding held-out prompts")
+    build.add_argument("--config-name", default=None)
+    build.add_argument("--data-dir", default=None)
+    build.add_argument("--format", default="auto", choices=["auto", "hh", "chat", "flat", "probe"])
+    build.add_argument("--num-train", type=int, default=256, help="training rows (irr_train pool)")
+    build.add_argument("--num-heldout", type=int, default=64, help="held-out rows (probe_test, irr_test pool)")
+    build.add_argument("--size", type=int, default=32, help="probe prompts")
+    build.add_argument("--types", nargs="*", default=None, help="probe types (default: every buildable type)")
+    build.add_argument("--seed", type=int, default=0)
+    build.add_argument("--rephraser", default=None,
+                       help="hf:PATH_OR_ID or openai:BASE_URL@MODEL[#API_KEY_ENV] for the rephrase types")
+    build.add_argument("--initial-model", default=None,
+                       help="sample chosen_initial from this model (a ModelSpec name_or_path)")
+    build.add_argument("--out", required=True, help="output .jsonl")
+    args = parser.parse_args(argv)
+    from dynlab.data.datamodule import ProbeDataModule
+    from dynlab.tracking.trajectory import write_jsonl
+
+    dm = ProbeDataModule(source=args.source, split=args.dataset_split, heldout_split=args.heldout_split,
+                         config_name=args.config_name, data_dir=args.data_dir, format=args.format,
+                         num_train=args.num_train, num_heldout=args.num_heldout, probe_size=args.size,
+                         probe_types=args.types, seed=args.seed, rephraser=args.rephraser,
+                         sample_chosen_initial=args.initial_model is not None)
+    tokenizer, generate = None, None
+    if args.initial_model is not None:
+        from dynlab.models.generate import generate_responses
+        from dynlab.models.load import ModelSpec, load_model, load_tokenizer
+
+        spec = ModelSpec(name_or_path=args.initial_model)
+        tokenizer, model = load_tokenizer(spec), load_model(spec)
+
+        def generate(prompts, **kwargs):
+            return generate_responses(model, tokenizer, prompts, **kwargs)
+
+    rows = dm.build_probe_sets(tokenizer, generate=generate)[args.split]
+    out = write_jsonl(args.out, rows)
+    print(f"{out}: {len(rows)} rows, types {[t for t in rows[0] if t != 'prompt'] if rows else []}")
+
+
+SUBCOMMANDS = {"plot": plot_command, "probe": probe_command}
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     """Entry point of the ``dynlab`` console script."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    if args and args[0] in SUBCOMMANDS:
+        try:
+            SUBCOMMANDS[args[0]](args[1:])
+        except InputError as err:
+            print(f"dynlab: error: {err}", file=sys.stderr)
+            sys.exit(2)
+        return
     # called with explicit args from Python (tests, sweeps), sys.argv belongs to the caller
     warnings.filterwarnings("ignore", message="LightningCLI's args parameter is intended")
     try:

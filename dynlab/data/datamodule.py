@@ -4,15 +4,17 @@ and the two probe splits (probe_train from training prompts, probe_test from hel
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Literal
 
 import lightning as L
 import torch
 from torch.utils.data import DataLoader, DistributedSampler
 
+from dynlab.chat import backend_from_spec
 from dynlab.data.formats import load_rows
 from dynlab.data.probes import build_probe_rows
+from dynlab.data.rephrase import add_rephrases
 from dynlab.data.synthetic import make_synthetic
 from dynlab.data.tokenize import DPOCollator, ResponseTruncation, SFTCollator, collate_probes, encode_row
 from dynlab.errors import InputError
@@ -54,6 +56,11 @@ class ProbeDataModule(L.LightningDataModule):
         probe_types: probe response types to score (``None`` = every type the data can give).
         probe_train_file: a probe jsonl in the paper's format used as probe_train instead of building one.
         probe_test_file: the same for probe_test (e.g. ``../shared/data/hh_probe/probe_test.jsonl``).
+        sample_chosen_initial: add the ``chosen_initial`` probe type where the data lacks it: a response sampled
+            (seeded by ``seed``) from the initial policy; the run's ``probes/probe_{split}.jsonl`` keeps the texts.
+        chosen_initial_max_tokens: length limit of those samples.
+        rephraser: build the rephrase types where the data lacks them with a chat backend: ``hf:PATH_OR_ID`` (a
+            local chat model) or ``openai:BASE_URL@MODEL[#API_KEY_ENV]`` (an OpenAI-compatible endpoint).
         batch_size: training examples (DPO: pairs) per batch and device.
         probe_batch_size: probe prompts per evaluation batch.
         max_length: prompt + response tokens.
@@ -77,6 +84,9 @@ class ProbeDataModule(L.LightningDataModule):
         probe_types: list[str] | None = None,
         probe_train_file: str | None = None,
         probe_test_file: str | None = None,
+        sample_chosen_initial: bool = False,
+        chosen_initial_max_tokens: int = 48,
+        rephraser: str | None = None,
         batch_size: int = 4,
         probe_batch_size: int = 4,
         max_length: int = 256,
@@ -92,31 +102,59 @@ class ProbeDataModule(L.LightningDataModule):
         self.train_examples: list[dict] = []
         self.probe_examples: dict[str, list[dict]] = {}
         self.probe_types: dict[str, list[str]] = {}
+        self.probe_rows: dict[str, list[dict]] = {}  # the probe texts, in the paper's probe jsonl format
 
     # ---- building -------------------------------------------------------------------------------------------------
-    def prepare(self, tokenizer, view: TrainingView) -> None:
-        """Read, validate and tokenize everything; raises InputError before any run file is written."""
+    def prepare(self, tokenizer, view: TrainingView, generate: Callable[..., list[str]] | None = None) -> None:
+        """Read, validate and tokenize everything; raises InputError before any run file is written.
+
+        ``generate(prompt_ids, max_new_tokens=, seed=)`` samples from the initial policy (for chosen_initial).
+        """
         if self._prepared_for == (id(tokenizer), view):
             return
-        hp = self.hp
         train_rows, heldout_rows = self._read_rows(tokenizer)
-        probe_sources = {"train": (hp.probe_train_file, train_rows), "test": (hp.probe_test_file, heldout_rows)}
         pad = tokenizer.pad_token_id
         self._collate = DPOCollator(pad) if view == "dpo" else SFTCollator(pad)
         self.train_examples = self._training_view(tokenizer, train_rows, view)
+        self.probe_rows = self.build_probe_sets(tokenizer, train_rows, heldout_rows, generate)
+        for split, rows in self.probe_rows.items():
+            file = {"train": self.hp.probe_train_file, "test": self.hp.probe_test_file}[split] or self.hp.source
+            self.probe_types[split] = [t for t in rows[0] if t != "prompt"] if rows else []
+            self.probe_examples[split] = [self._encode(tokenizer, r, i, file) for i, r in enumerate(rows)]
+        self._prepared_for = (id(tokenizer), view)
+
+    def build_probe_sets(self, tokenizer, train_rows: list[dict] | None = None, heldout_rows: list[dict] | None = None,
+                         generate: Callable[..., list[str]] | None = None) -> dict[str, list[dict]]:
+        """The probe texts of both splits, ``{split: [{"prompt", type: response, ...}]}``; warns once about the
+        types that could not be built."""
+        hp = self.hp
+        if train_rows is None or heldout_rows is None:
+            train_rows, heldout_rows = self._read_rows(tokenizer)
+        sources = {"train": (hp.probe_train_file, train_rows), "test": (hp.probe_test_file, heldout_rows)}
+        backend = backend_from_spec(hp.rephraser, seed=hp.seed) if hp.rephraser else None
         skipped_all: set[str] = set()
-        for split, (file, rows) in probe_sources.items():
-            name = file or hp.source
-            if file:
-                rows = load_rows(file, format="probe")
-            probe_rows, skipped = build_probe_rows(rows[: hp.probe_size], train_pool=train_rows,
-                                                   test_pool=heldout_rows, types=hp.probe_types, seed=hp.seed)
+        sets = {}
+        for split, (file, rows) in sources.items():
+            rows = (load_rows(file, format="probe") if file else rows)[: hp.probe_size]
+            if hp.sample_chosen_initial and any("chosen_initial" not in r for r in rows):
+                rows = self._with_chosen_initial(tokenizer, rows, generate)
+            if backend is not None:
+                rows = add_rephrases(rows, backend)
+            sets[split], skipped = build_probe_rows(rows, train_pool=train_rows, test_pool=heldout_rows,
+                                                    types=hp.probe_types, seed=hp.seed)
             skipped_all.update(skipped)
-            self.probe_types[split] = [t for t in probe_rows[0] if t != "prompt"] if probe_rows else []
-            self.probe_examples[split] = [self._encode(tokenizer, r, i, name) for i, r in enumerate(probe_rows)]
         if skipped_all:
             log.warning("probe types skipped (not in the data and not buildable here): %s", sorted(skipped_all))
-        self._prepared_for = (id(tokenizer), view)
+        return sets
+
+    def _with_chosen_initial(self, tokenizer, rows: list[dict],
+                             generate: Callable[..., list[str]] | None) -> list[dict]:
+        if generate is None:
+            raise InputError("sample_chosen_initial needs the policy to sample from (run through dynlab fit)",
+                             field="data.sample_chosen_initial")
+        prompts = [tokenizer(r["prompt"])["input_ids"][-self.hp.max_prompt_length:] for r in rows]
+        samples = generate(prompts, max_new_tokens=self.hp.chosen_initial_max_tokens, seed=self.hp.seed)
+        return [{**r, "chosen_initial": r.get("chosen_initial", s)} for r, s in zip(rows, samples)]
 
     def _read_rows(self, tokenizer) -> tuple[list[dict], list[dict]]:
         hp = self.hp
@@ -162,7 +200,7 @@ class ProbeDataModule(L.LightningDataModule):
     def setup(self, stage: str) -> None:
         if self._prepared_for is None:
             module = self.trainer.lightning_module
-            self.prepare(module.tokenizer, module.training_view)
+            self.prepare(module.tokenizer, module.training_view, module.generate)
 
     # ---- loaders --------------------------------------------------------------------------------------------------
     def _shard(self, dataset: Sequence) -> ShardSampler:

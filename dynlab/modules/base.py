@@ -4,8 +4,8 @@ injection, probe evaluation (at step 0 and every N steps), logging and the final
 from __future__ import annotations
 
 import shutil
-import warnings
 import tempfile
+import warnings
 from collections import defaultdict
 from pathlib import Path
 from typing import Any, ClassVar
@@ -20,7 +20,19 @@ from dynlab.losses.logps import segment_sum, token_logps
 from dynlab.metrics.functional import SEQUENCE_METRICS, sequence_stats, token_stats
 from dynlab.metrics.probe import PreferenceMetric, ProbeTypeMetric
 from dynlab.models.forward import lm_head, response_hidden, shared_prompt_hidden
+from dynlab.models.generate import generate_responses
 from dynlab.models.load import ModelSpec, load_model, load_tokenizer
+from dynlab.tracking.plots import plot_runs
+from dynlab.tracking.trajectory import records_from_results, write_probe_set, write_step
+
+
+def gather_objects(items: list) -> list:
+    """Concatenate a picklable list over all ranks (the list itself when not distributed)."""
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return items
+    gathered: list = [None] * torch.distributed.get_world_size()
+    torch.distributed.all_gather_object(gathered, items)
+    return [x for part in gathered for x in part]
 
 
 def disable_dropout(model: nn.Module) -> nn.Module:
@@ -110,6 +122,10 @@ class CausalLMModule(L.LightningModule):
         logps, seq_index = self.response_token_logps(batch, model)
         return segment_sum(logps, seq_index, batch["input_ids"].shape[0])
 
+    def generate(self, prompts: list[list[int]], **kwargs: Any) -> list[str]:
+        """Responses of the current policy to prompts (token ids); see ``generate_responses``."""
+        return generate_responses(self.policy, self.tokenizer, prompts, **kwargs)
+
     # ---- probe evaluation -----------------------------------------------------------------------------------------
     @torch.no_grad()
     def probe_step(self, split: str, batch: dict) -> dict[str, dict[str, Tensor]]:
@@ -140,7 +156,8 @@ class CausalLMModule(L.LightningModule):
             results[name] = values
         if "chosen" in results and "rejected" in results:
             c, r = results["chosen"], results["rejected"]
-            self.preference_metrics[f"{split}__pairs"].update(c["logp"], r["logp"], c.get("ref_logp"), r.get("ref_logp"))
+            pairs = self.preference_metrics[f"{split}__pairs"]
+            pairs.update(c["logp"], r["logp"], c.get("ref_logp"), r.get("ref_logp"))
         return results
 
     def _chunked_token_stats(self, hidden: Tensor, targets: Tensor) -> dict[str, Tensor]:
@@ -170,14 +187,18 @@ class CausalLMModule(L.LightningModule):
     _recording_baseline = False
 
     def run_probe_evaluation(self) -> None:
-        """Evaluate every probe split now (all ranks take part) and log the results at the current step."""
+        """Evaluate every probe split now (all ranks take part), log the means at the current step and write the
+        per-example values to the run's trajectory (rank 0, all ranks' rows gathered)."""
         datamodule = self.trainer.datamodule
         was_training = self.policy.training
         self.policy.eval()
         self._recording_baseline = bool(self._baseline) and all(torch.isnan(b).all() for b in self._baseline.values())
+        records: list[dict] = []
         for split in self.probe_types:
             for batch in datamodule.probe_dataloader(split):
-                self.probe_step(split, move_data_to_device(batch, self.device))
+                results = self.probe_step(split, move_data_to_device(batch, self.device))
+                records += records_from_results(split, {t: {m: v.tolist() for m, v in values.items()}
+                                                        for t, values in results.items()})
         if self._recording_baseline:  # each rank saw its shard: combine, NaN where a rank had nothing
             for split, b in self._baseline.items():
                 known = (~torch.isnan(b)).to(self.device, torch.float32)
@@ -185,8 +206,14 @@ class CausalLMModule(L.LightningModule):
                 count = self.trainer.strategy.reduce(known, reduce_op="sum")
                 self._baseline[split] = torch.where(count > 0, total / count.clamp(min=1), float("nan")).cpu()
             self._recording_baseline = False
+            if self.trainer.is_global_zero:
+                for split, rows in datamodule.probe_rows.items():
+                    write_probe_set(self.run_dir, split, rows)
         self.policy.train(was_training)
         self._last_probe_step = self.global_step
+        records = gather_objects(records)
+        if self.trainer.is_global_zero:
+            write_step(self.run_dir, self.global_step, records)
         metrics = self.compute_probe_metrics()
         # logged at the number of optimizer steps taken (0 = before training), not Lightning's batch counter,
         # which lags by one inside on_train_batch_end
@@ -234,8 +261,15 @@ class CausalLMModule(L.LightningModule):
         return Path(self.trainer.log_dir or self.trainer.default_root_dir)
 
     def on_train_end(self) -> None:
-        if self.trainer.is_global_zero:
-            export_pretrained(self.policy, self.tokenizer, self.run_dir / "export")
+        if not self.trainer.is_global_zero:
+            return
+        export_pretrained(self.policy, self.tokenizer, self.run_dir / "export")
+        if self._last_probe_step >= 0:
+            figures = plot_runs([self.run_dir], self.run_dir / "figures")
+            for logger in self.loggers:
+                if hasattr(logger, "log_image"):  # W&B: the same figures as images on the run
+                    logger.log_image(key="figures", images=[str(f) for f in figures],
+                                     caption=[f.stem for f in figures])
 
 
 def export_pretrained(model: nn.Module, tokenizer: Any, out: Path) -> Path:

@@ -1,0 +1,117 @@
+"""Chat backends used to rephrase probe responses (and to judge generations): any OpenAI-compatible chat-completions
+endpoint, or a local HF chat model. Both take a list of messages and return the reply text."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Sequence
+from typing import Protocol
+
+from dynlab.errors import InputError
+
+Message = dict[str, str]
+
+
+class ChatBackend(Protocol):
+    def complete(self, messages: Sequence[Message], *, temperature: float = 0.7, max_tokens: int = 256) -> str: ...
+
+
+class ChatEndpoint:
+    """An OpenAI-compatible ``POST {base_url}/chat/completions`` client (stdlib only).
+
+    The API key is read from the environment variable ``api_key_env`` at call time and is sent only in the
+    Authorization header: it is never logged, printed or written to a file.
+
+    Args:
+        base_url: e.g. ``https://api.openai.com/v1`` or ``http://127.0.0.1:8000/v1``.
+        model: the model name the endpoint expects.
+        api_key_env: environment variable holding the key (may be unset for local servers).
+        timeout: seconds per request.
+        retries: attempts after the first on timeouts, connection errors, 429 and 5xx (exponential back-off).
+    """
+
+    def __init__(self, base_url: str, model: str, api_key_env: str = "OPENAI_API_KEY", timeout: float = 60.0,
+                 retries: int = 3, backoff: float = 1.0):
+        self.url = base_url.rstrip("/") + "/chat/completions"
+        self.model, self.api_key_env = model, api_key_env
+        self.timeout, self.retries, self.backoff = timeout, retries, backoff
+
+    def __repr__(self) -> str:  # no key in reprs
+        return f"ChatEndpoint(url={self.url!r}, model={self.model!r}, api_key_env={self.api_key_env!r})"
+
+    def complete(self, messages: Sequence[Message], *, temperature: float = 0.7, max_tokens: int = 256) -> str:
+        body = json.dumps({"model": self.model, "messages": list(messages), "temperature": temperature,
+                           "max_tokens": max_tokens}).encode()
+        headers = {"Content-Type": "application/json"}
+        key = os.environ.get(self.api_key_env)
+        if key:
+            headers["Authorization"] = f"Bearer {key}"
+        last_error = ""
+        for attempt in range(self.retries + 1):
+            if attempt:
+                time.sleep(self.backoff * 2 ** (attempt - 1))
+            request = urllib.request.Request(self.url, data=body, headers=headers, method="POST")
+            try:
+                with urllib.request.urlopen(request, timeout=self.timeout) as response:
+                    payload = json.loads(response.read().decode())
+                return payload["choices"][0]["message"]["content"]
+            except urllib.error.HTTPError as err:
+                last_error = f"HTTP {err.code}"
+                if err.code != 429 and err.code < 500:
+                    break  # a client error will not get better by retrying
+            except (urllib.error.URLError, TimeoutError, ConnectionError) as err:
+                last_error = type(err).__name__ + ": " + str(getattr(err, "reason", err))
+            except (KeyError, IndexError, json.JSONDecodeError) as err:
+                last_error = f"unexpected response ({type(err).__name__})"
+                break
+        raise RuntimeError(f"chat endpoint {self.url} failed after {attempt + 1} attempt(s): {last_error}")
+
+
+class LocalChatModel:
+    """A local HF causal LM prompted through its chat template (greedy or sampled).
+
+    Args:
+        name_or_path: anything ``dynlab.models.load.ModelSpec`` accepts (a directory, ``embedded:...``, ``tiny``).
+        seed: sampling seed.
+    """
+
+    def __init__(self, name_or_path: str, seed: int = 0):
+        from dynlab.models.load import ModelSpec, load_model, load_tokenizer
+
+        spec = ModelSpec(name_or_path=name_or_path)
+        self.tokenizer, self.model, self.seed = load_tokenizer(spec), load_model(spec).eval(), seed
+
+    def render(self, messages: Sequence[Message]) -> list[int]:
+        if getattr(self.tokenizer, "chat_template", None):
+            return self.tokenizer.apply_chat_template(list(messages), add_generation_prompt=True, tokenize=True,
+                                                      return_dict=True)["input_ids"]
+        from dynlab.data.formats import default_render_chat
+
+        return self.tokenizer(default_render_chat(list(messages)))["input_ids"]
+
+    def complete_many(self, conversations: Sequence[Sequence[Message]], *, temperature: float = 0.7,
+                      max_tokens: int = 256) -> list[str]:
+        from dynlab.models.generate import generate_responses
+
+        return generate_responses(self.model, self.tokenizer, [self.render(c) for c in conversations],
+                                  max_new_tokens=max_tokens, do_sample=temperature > 0,
+                                  temperature=max(temperature, 1e-5), seed=self.seed)
+
+    def complete(self, messages: Sequence[Message], *, temperature: float = 0.7, max_tokens: int = 256) -> str:
+        return self.complete_many([messages], temperature=temperature, max_tokens=max_tokens)[0]
+
+
+def backend_from_spec(spec: str, seed: int = 0) -> ChatBackend:
+    """``hf:PATH_OR_ID`` (also ``hf:embedded:smollm2-135m-instruct``) or ``openai:BASE_URL@MODEL[#KEY_ENV]``."""
+    kind, _, rest = spec.partition(":")
+    if kind == "hf" and rest:
+        return LocalChatModel(rest, seed=seed)
+    if kind == "openai" and "@" in rest:
+        url, _, model = rest.rpartition("@")
+        model, _, key_env = model.partition("#")
+        return ChatEndpoint(url, model, api_key_env=key_env or "OPENAI_API_KEY")
+    raise InputError("expected hf:PATH_OR_ID or openai:BASE_URL@MODEL[#API_KEY_ENV]", field=spec)

@@ -1,0 +1,143 @@
+"""Paper-style figures from runs' probe trajectories: mean Δlog π per probe type over training, the squeezing panel,
+and an overlay of several runs (e.g. baseline SFT→DPO against ExtendSFT→DPO).
+
+    dynlab plot runs/dpo/version_0 [runs/dpo/version_1 ...] --out figures/
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import pandas as pd  # noqa: E402
+
+from dynlab.tracking.trajectory import read_trajectory  # noqa: E402
+
+# colour families: what is trained on / its rephrases (blue), rejected family (red), other prompts' responses (green),
+# non-human text (grey), the model's own sample (purple)
+STYLE = {
+    "chosen": ("tab:blue", "-"), "chosen_gptsemantic": ("tab:blue", "--"), "chosen_gptformat": ("tab:blue", ":"),
+    "rejected": ("tab:red", "-"), "reject_gptsemantic": ("tab:red", "--"), "reject_gptformat": ("tab:red", ":"),
+    "irr_train": ("tab:green", "-"), "irr_test": ("tab:green", "--"), "irr_hum": ("tab:olive", "-"),
+    "random_permute": ("tab:gray", "-"), "random_nonhum": ("tab:gray", "--"), "chosen_initial": ("tab:purple", "-"),
+    "argmax": ("black", "-"),
+}
+
+
+def run_label(run_dir: str | os.PathLike) -> str:
+    """``runs/dpo/version_3`` -> ``dpo/version_3``."""
+    path = Path(run_dir).resolve()
+    return f"{path.parent.name}/{path.name}"
+
+
+def mean_curves(frame: pd.DataFrame, split: str, metric: str) -> pd.DataFrame:
+    """Mean and standard error over probe examples: index step, columns (stat, type)."""
+    sub = frame[frame["split"] == split]
+    grouped = sub.groupby(["step", "type"])[metric]
+    return pd.concat({"mean": grouped.mean(), "sem": grouped.sem().fillna(0.0)}, axis=1).unstack("type")
+
+
+def _with_argmax(frame: pd.DataFrame) -> pd.DataFrame:
+    """Add y*, the teacher-forced argmax along the chosen prefix, as a pseudo-type ``argmax`` (Δ since step 0)."""
+    chosen = frame[frame["type"] == "chosen"].copy()
+    start = chosen[chosen["step"] == chosen["step"].min()].set_index(["split", "row"])["argmax_logp"]
+    chosen["dlogp"] = chosen["argmax_logp"].to_numpy() - start.reindex(
+        pd.MultiIndex.from_frame(chosen[["split", "row"]])).to_numpy()
+    chosen["type"] = "argmax"
+    return pd.concat([frame, chosen], ignore_index=True)
+
+
+def _plot_lines(ax, curves: pd.DataFrame, types: Sequence[str], label_prefix: str = "", style=None) -> None:
+    for t in types:
+        if ("mean", t) not in curves:
+            continue
+        colour, line = STYLE.get(t, ("tab:brown", "-"))
+        line = style or line
+        mean, sem = curves[("mean", t)], curves[("sem", t)]
+        ax.plot(mean.index, mean.values, line, color=colour, label=f"{label_prefix}{t}", lw=1.8)
+        ax.fill_between(mean.index, mean - sem, mean + sem, color=colour, alpha=0.12, lw=0)
+
+
+def plot_probe_dlogp(frame: pd.DataFrame, out: Path, title: str) -> Path:
+    """Mean Δlog π(y|x) per probe type over training, one panel per probe split (the paper's probe figure)."""
+    splits = sorted(frame["split"].unique(), key=["train", "test"].index)
+    fig, axes = plt.subplots(1, len(splits), figsize=(6.5 * len(splits), 4.6), squeeze=False, sharey=True)
+    frame = _with_argmax(frame)
+    types = [t for t in STYLE if t in set(frame["type"])]
+    for ax, split in zip(axes[0], splits):
+        _plot_lines(ax, mean_curves(frame, split, "dlogp"), types)
+        ax.axhline(0, color="k", lw=0.6)
+        ax.set(title=f"probe_{split}: {'training' if split == 'train' else 'held-out'} prompts",
+               xlabel="optimizer step", ylabel="Δ log π(y | x) since step 0 (nats, sum over tokens)")
+        ax.grid(alpha=0.3)
+    axes[0][-1].legend(fontsize=8, loc="center left", bbox_to_anchor=(1.01, 0.5))
+    fig.suptitle(f"{title} — mean over probe examples, band = ±1 s.e.")
+    return _save(fig, out)
+
+
+def plot_squeezing(frame: pd.DataFrame, out: Path, title: str, split: str = "train") -> Path:
+    """Chosen, rejected and the argmax response together, with the peakiness of the predictions along y⁺."""
+    frame = _with_argmax(frame)
+    fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.6))
+    _plot_lines(left, mean_curves(frame, split, "dlogp"), ["chosen", "rejected", "argmax"])
+    left.axhline(0, color="k", lw=0.6)
+    left.set(title="log-probability since step 0", xlabel="optimizer step", ylabel="Δ log π (nats)")
+    left.legend(fontsize=9)
+    left.grid(alpha=0.3)
+    chosen = frame[(frame["split"] == split) & (frame["type"] == "chosen")].groupby("step")
+    right.plot(chosen["max_prob"].mean(), color="black", label="max_prob: mean_m max_v π_m(v)")
+    right.plot(chosen["peakiness"].mean(), color="tab:orange", label="peakiness: mean_m ‖π_m‖²")
+    right.set(title="peakedness of π_m along y⁺", xlabel="optimizer step", ylabel="probability mass")
+    right.legend(fontsize=9)
+    right.grid(alpha=0.3)
+    fig.suptitle(f"{title} — squeezing view: y⁺, y⁻ and the teacher-forced argmax response y* (probe_{split})")
+    return _save(fig, out)
+
+
+def plot_overlay(frames: dict[str, pd.DataFrame], out: Path, split: str = "train") -> Path:
+    """Several runs on one set of axes: chosen, rejected and argmax, one line style per run."""
+    fig, axes = plt.subplots(1, 3, figsize=(16, 4.6), sharex=True)
+    styles = ["-", "--", ":", "-."]
+    for i, (label, frame) in enumerate(frames.items()):
+        curves = mean_curves(_with_argmax(frame), split, "dlogp")
+        for ax, t in zip(axes, ["chosen", "rejected", "argmax"]):
+            _plot_lines(ax, curves, [t], label_prefix=f"{label}: ", style=styles[i % len(styles)])
+    for ax, t in zip(axes, ["chosen (y⁺)", "rejected (y⁻)", "argmax (y*)"]):
+        ax.set(title=t, xlabel="optimizer step", ylabel="Δ log π since each run's step 0 (nats)")
+        ax.axhline(0, color="k", lw=0.6)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.suptitle(f"runs compared (probe_{split})")
+    return _save(fig, out)
+
+
+def plot_runs(run_dirs: Sequence[str | os.PathLike], out_dir: str | os.PathLike) -> list[Path]:
+    """Every figure for ``run_dirs`` into ``out_dir``; returns the PNG paths."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    frames = {}
+    for run in run_dirs:
+        frame = read_trajectory(run)
+        if frame.empty:
+            raise FileNotFoundError(f"{run}: no probe trajectory (probes/trajectory/*.parquet); not a dynlab fit run?")
+        frames[run_label(run)] = frame
+    written = []
+    for label, frame in frames.items():
+        prefix = "" if len(frames) == 1 else label.replace("/", "_") + "_"
+        written.append(plot_probe_dlogp(frame, out / f"{prefix}probe_dlogp.png", label))
+        written.append(plot_squeezing(frame, out / f"{prefix}squeezing.png", label))
+    if len(frames) > 1:
+        written.append(plot_overlay(frames, out / "overlay.png"))
+    return written
+
+
+def _save(fig, out: Path) -> Path:
+    fig.tight_layout()
+    fig.savefig(out, dpi=110, bbox_inches="tight")
+    plt.close(fig)
+    return out

@@ -1,0 +1,77 @@
+"""Per-example probe trajectories on disk: one parquet file per evaluation step, written atomically by rank 0.
+
+A run's trajectory is ``RUN_DIR/probes/trajectory/step_XXXXXXXX.parquet``; each file holds one row per
+(split, probe type, probe example) with every per-example metric. One file per step means a resumed run that
+evaluates a step again replaces that step's file instead of appending a duplicate (the paper's result files
+interleaved restarted runs).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
+
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+TRAJECTORY_DIR = Path("probes") / "trajectory"
+KEY_COLUMNS = ("step", "split", "type", "row")
+
+
+def records_from_results(split: str, results: Mapping[str, Mapping[str, Sequence[float]]]) -> list[dict]:
+    """``{type: {metric: (rows,), "row": (rows,)}}`` of one split -> one flat record per (type, row)."""
+    records = []
+    for ptype, values in results.items():
+        metrics = {m: [float(x) for x in v] for m, v in values.items() if m != "row"}
+        for i, row in enumerate(values["row"]):
+            records.append({"split": split, "type": ptype, "row": int(row), **{m: v[i] for m, v in metrics.items()}})
+    return records
+
+
+def write_step(run_dir: str | os.PathLike, step: int, records: Iterable[dict]) -> Path:
+    """Write (or replace) the trajectory file of ``step``; the rename makes it appear whole or not at all."""
+    out_dir = Path(run_dir) / TRAJECTORY_DIR
+    out_dir.mkdir(parents=True, exist_ok=True)
+    frame = pd.DataFrame([{"step": step, **r} for r in records])
+    if not frame.empty:
+        frame = frame.sort_values(list(KEY_COLUMNS[1:]), kind="stable").reset_index(drop=True)
+    path = out_dir / f"step_{step:08d}.parquet"
+    fd, tmp = tempfile.mkstemp(dir=out_dir, prefix=".step-", suffix=".parquet")
+    os.close(fd)
+    try:
+        pq.write_table(pa.Table.from_pandas(frame, preserve_index=False), tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return path
+
+
+def read_trajectory(run_dir: str | os.PathLike) -> pd.DataFrame:
+    """Every evaluation of a run, one row per (step, split, type, row), sorted; empty if the run has none."""
+    files = sorted((Path(run_dir) / TRAJECTORY_DIR).glob("step_*.parquet"))
+    if not files:
+        return pd.DataFrame(columns=list(KEY_COLUMNS))
+    frame = pd.concat([pd.read_parquet(f) for f in files], ignore_index=True)
+    return frame.sort_values(list(KEY_COLUMNS), kind="stable").reset_index(drop=True)
+
+
+def write_jsonl(path: str | os.PathLike, rows: Iterable[Mapping]) -> Path:
+    """Write rows as JSON lines atomically (a temporary file renamed into place)."""
+    out = Path(path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}-")
+    with os.fdopen(fd, "w") as f:
+        for row in rows:
+            f.write(json.dumps(dict(row), ensure_ascii=False) + "\n")
+    os.replace(tmp, out)
+    return out
+
+
+def write_probe_set(run_dir: str | os.PathLike, split: str, rows: Sequence[Mapping[str, str]]) -> Path:
+    """The exact probe texts a run scored, in the paper's probe jsonl format (``probes/probe_{split}.jsonl``)."""
+    return write_jsonl(Path(run_dir) / "probes" / f"probe_{split}.jsonl", rows)
