@@ -4,6 +4,7 @@ and the two probe splits (probe_train from training prompts, probe_test from hel
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Callable, Sequence
 from typing import Literal
 
@@ -37,6 +38,22 @@ class ShardSampler(DistributedSampler):
 
     def __len__(self) -> int:
         return len(range(self.rank, len(self.dataset), self.num_replicas))
+
+
+class ResumableSampler(DistributedSampler):
+    """The training shuffle: a permutation seeded by ``seed + epoch`` (set by Lightning through ``set_epoch``),
+    sharded over ranks, that skips the batches a resumed run already trained on in its current epoch, so a run
+    resumed mid-epoch sees the same batches as one that never stopped."""
+
+    def __init__(self, dataset: Sequence, num_replicas: int, rank: int, seed: int, skip: int = 0):
+        super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=True, seed=seed)
+        self.skip = skip  # examples of this rank's shard to skip, once (len() stays the full epoch's: Lightning
+        # takes it as the length of every epoch, and a short first epoch simply ends early)
+
+    def __iter__(self):
+        indices = list(super().__iter__())[self.skip:]
+        self.skip = 0
+        return iter(indices)
 
 
 class ProbeDataModule(L.LightningDataModule):
@@ -208,11 +225,18 @@ class ProbeDataModule(L.LightningDataModule):
         return ShardSampler(dataset, trainer.world_size if trainer else 1, trainer.global_rank if trainer else 0)
 
     def train_dataloader(self) -> DataLoader:
-        # its own generator: the shuffle order depends on the seed alone, not on how much global RNG other loaders
-        # (probe evaluation, cached reference log-probs) consumed before training
-        return DataLoader(self.train_examples, batch_size=self.hp.batch_size, shuffle=True,
-                          generator=torch.Generator().manual_seed(self.hp.seed), collate_fn=self._collate,
-                          num_workers=self.hp.num_workers)
+        # the shuffle depends on the seed and epoch alone (not on the global RNG other loaders consume), and a
+        # resumed run skips the batches of its current epoch that it already trained on
+        trainer = self.trainer
+        world, rank = (trainer.world_size, trainer.global_rank) if trainer else (1, 0)
+        sampler = ResumableSampler(self.train_examples, world, rank, seed=self.hp.seed)
+        if trainer is not None and trainer.state.fn == "fit" and trainer.global_step:
+            # from the optimizer steps taken (Lightning's own batch progress lags by one in step checkpoints)
+            per_epoch = math.ceil(len(sampler) / self.hp.batch_size)
+            done = trainer.global_step * trainer.accumulate_grad_batches - trainer.current_epoch * per_epoch
+            sampler.skip = min(max(done, 0), per_epoch) * self.hp.batch_size
+        return DataLoader(self.train_examples, batch_size=self.hp.batch_size, sampler=sampler,
+                          collate_fn=self._collate, num_workers=self.hp.num_workers)
 
     def ordered_train_dataloader(self) -> DataLoader:
         """The training examples in order, sharded over ranks (for cached reference log-probs)."""

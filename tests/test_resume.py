@@ -1,0 +1,35 @@
+"""Resuming a run: probe baselines come back from the checkpoint, and re-evaluated steps replace their trajectory
+file instead of adding duplicate rows (the paper's result files interleaved restarted runs)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pandas as pd
+
+from dynlab.cli import main
+from dynlab.tracking.trajectory import KEY_COLUMNS, read_trajectory
+from tests.conftest import CONFIGS
+
+CHECKPOINT_EVERY_3 = ('--trainer.callbacks=[{"class_path": "lightning.pytorch.callbacks.ModelCheckpoint", '
+                      '"init_args": {"every_n_train_steps": 3, "save_top_k": -1}}]')
+
+
+def test_resume_from_an_earlier_checkpoint_leaves_no_duplicates(in_tmp):
+    args = ["fit", "--config", str(CONFIGS / "dpo.yaml"), "--config", str(CONFIGS / "tiny.yaml"),
+            "--trainer.logger.init_args.version=0", CHECKPOINT_EVERY_3]
+    main(args)
+    run = Path("runs/dpo/version_0")
+    first = read_trajectory(run)
+    assert sorted(first["step"].unique()) == [0, 3, 6]
+    # as if the job died after evaluating step 6 but its step-6 checkpoint were lost: resume from step 3
+    ckpt = next((run / "checkpoints").glob("*step=3.ckpt"))
+    main([*args, f"--ckpt_path={ckpt}"])
+    again = read_trajectory(run)
+    assert sorted(again["step"].unique()) == [0, 3, 6]
+    assert not again.duplicated(list(KEY_COLUMNS)).any()
+    assert len(again) == len(first)
+    # the resumed run recomputes step 6 from the step-3 weights with the step-0 baseline restored: same numbers
+    cols = ["logp", "dlogp", "argmax_logp"]
+    pd.testing.assert_frame_equal(first[list(KEY_COLUMNS) + cols], again[list(KEY_COLUMNS) + cols],
+                                  rtol=1e-4, atol=1e-3)
