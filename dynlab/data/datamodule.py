@@ -9,7 +9,6 @@ from collections.abc import Callable, Sequence
 from typing import Literal
 
 import lightning as L
-import torch
 from torch.utils.data import DataLoader, DistributedSampler
 
 from dynlab.chat import backend_from_spec
