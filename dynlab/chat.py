@@ -58,15 +58,18 @@ class ChatEndpoint:
             try:
                 with urllib.request.urlopen(request, timeout=self.timeout) as response:
                     payload = json.loads(response.read().decode())
-                return payload["choices"][0]["message"]["content"]
+                content = payload["choices"][0]["message"]["content"]
+                if not isinstance(content, str):  # e.g. null from a refusal or a tool call
+                    raise TypeError(f"content is {type(content).__name__}")
+                return content
             except urllib.error.HTTPError as err:
                 last_error = f"HTTP {err.code}"
                 if err.code != 429 and err.code < 500:
                     break  # a client error will not get better by retrying
             except (urllib.error.URLError, TimeoutError, ConnectionError) as err:
                 last_error = type(err).__name__ + ": " + str(getattr(err, "reason", err))
-            except (KeyError, IndexError, json.JSONDecodeError) as err:
-                last_error = f"unexpected response ({type(err).__name__})"
+            except (KeyError, IndexError, TypeError, json.JSONDecodeError) as err:
+                last_error = f"unexpected response ({type(err).__name__}: {err})"
                 break
         raise RuntimeError(f"chat endpoint {self.url} failed after {attempt + 1} attempt(s): {last_error}")
 
@@ -113,5 +116,7 @@ def backend_from_spec(spec: str, seed: int = 0) -> ChatBackend:
     if kind == "openai" and "@" in rest:
         url, _, model = rest.rpartition("@")
         model, _, key_env = model.partition("#")
-        return ChatEndpoint(url, model, api_key_env=key_env or "OPENAI_API_KEY")
-    raise InputError("expected hf:PATH_OR_ID or openai:BASE_URL@MODEL[#API_KEY_ENV]", field=spec)
+        if url.startswith(("http://", "https://")) and model:  # else urllib fails only at the first request
+            return ChatEndpoint(url, model, api_key_env=key_env or "OPENAI_API_KEY")
+    raise InputError("expected hf:PATH_OR_ID or openai:BASE_URL@MODEL[#API_KEY_ENV] with an http(s) BASE_URL, "
+                     "e.g. openai:http://127.0.0.1:8000/v1@my-model", field=spec)

@@ -30,12 +30,14 @@ def rephrase_messages(text: str, mode: str) -> list[dict[str, str]]:
 
 def clean_reply(reply: str) -> str:
     """Strip quotes and a leading label the model may add; keep HH's convention of a leading space."""
-    text = reply.strip()
-    for label in ("Rephrased response:", "Rewritten response:", "Response:"):
-        if text.startswith(label):
-            text = text[len(label):].strip()
-    if len(text) >= 2 and text[0] == text[-1] and text[0] in "\"'":
-        text = text[1:-1].strip()
+    text, previous = reply.strip(), None
+    while text != previous:  # the label may sit inside the quotes, or the quotes inside the label
+        previous = text
+        for label in ("Rephrased response:", "Rewritten response:", "Response:"):
+            if text.lower().startswith(label.lower()):
+                text = text[len(label):].strip()
+        if len(text) >= 2 and text[0] == text[-1] and text[0] in "\"'" and text[0] not in text[1:-1]:
+            text = text[1:-1].strip()  # one quoted reply, not '"a" and "b"'
     return " " + text if text else ""
 
 

@@ -35,6 +35,18 @@ def run_label(run_dir: str | os.PathLike) -> str:
     return f"{path.parent.name}/{path.name}"
 
 
+def run_labels(run_dirs: Sequence[str | os.PathLike]) -> list[str]:
+    """:func:`run_label` of each run, with more parent directories where two runs would share a label
+    (``base/dpo/version_0`` and ``extend/dpo/version_0``): one label per run, so no run's figures are dropped."""
+    paths = [Path(r).resolve() for r in run_dirs]
+    labels = [run_label(p) for p in paths]
+    depth = 2
+    while len(set(labels)) < len(set(paths)) and depth < max(len(p.parts) for p in paths):
+        depth += 1
+        labels = ["/".join(p.parts[-depth:]).lstrip("/") for p in paths]
+    return labels
+
+
 def mean_curves(frame: pd.DataFrame, split: str, metric: str) -> pd.DataFrame:
     """Mean and standard error over probe examples: index step, columns (stat, type)."""
     sub = frame[frame["split"] == split]
@@ -121,11 +133,11 @@ def plot_runs(run_dirs: Sequence[str | os.PathLike], out_dir: str | os.PathLike)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     frames = {}
-    for run in run_dirs:
+    for run, label in zip(run_dirs, run_labels(run_dirs)):
         frame = read_trajectory(run)
         if frame.empty:
             raise FileNotFoundError(f"{run}: no probe trajectory (probes/trajectory/*.parquet); not a dynlab fit run?")
-        frames[run_label(run)] = frame
+        frames[label] = frame
     written = []
     for label, frame in frames.items():
         prefix = "" if len(frames) == 1 else label.replace("/", "_") + "_"

@@ -54,9 +54,11 @@ def write_step(run_dir: str | os.PathLike, step: int, records: Iterable[dict]) -
 def read_trajectory(run_dir: str | os.PathLike) -> pd.DataFrame:
     """Every evaluation of a run, one row per (step, split, type, row), sorted; empty if the run has none."""
     files = sorted((Path(run_dir) / TRAJECTORY_DIR).glob("step_*.parquet"))
-    if not files:
+    # a step that scored no probe rows is an empty file without columns: it adds nothing (and would break the sort)
+    frames = [frame for frame in map(pd.read_parquet, files) if not frame.empty]
+    if not frames:
         return pd.DataFrame(columns=list(KEY_COLUMNS))
-    frame = pd.concat([pd.read_parquet(f) for f in files], ignore_index=True)
+    frame = pd.concat(frames, ignore_index=True)
     return frame.sort_values(list(KEY_COLUMNS), kind="stable").reset_index(drop=True)
 
 
@@ -65,10 +67,14 @@ def write_jsonl(path: str | os.PathLike, rows: Iterable[Mapping]) -> Path:
     out = Path(path)
     out.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}-")
-    with os.fdopen(fd, "w") as f:
-        for row in rows:
-            f.write(json.dumps(dict(row), ensure_ascii=False) + "\n")
-    os.replace(tmp, out)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:  # what load_rows reads, whatever the locale
+            for row in rows:
+                f.write(json.dumps(dict(row), ensure_ascii=False) + "\n")
+        os.replace(tmp, out)
+    finally:  # a row that cannot be written leaves neither a partial file nor the temporary one
+        if os.path.exists(tmp):
+            os.unlink(tmp)
     return out
 
 

@@ -1,0 +1,105 @@
+"""The rephrase probe types from a chat backend: a real loopback chat-completions server and the tiny local model."""
+
+from __future__ import annotations
+
+import pytest
+
+from dynlab.chat import ChatEndpoint, LocalChatModel
+from dynlab.data.rephrase import INSTRUCTIONS, REPHRASE_TYPES, add_rephrases, clean_reply, rephrase_messages
+from tests.test_chat import ChatServer, one_thread  # noqa: F401 - one_thread: a fixture used by name
+
+ROWS = [
+    {"prompt": "\n\nHuman: Say hi.\n\nAssistant:", "chosen": " Hi there!", "rejected": " No."},
+    {"prompt": "\n\nHuman: Count to three.\n\nAssistant:", "chosen": " One, two, three.", "rejected": " Four.",
+     "chosen_gptsemantic": " Already here."},
+]
+
+
+def labelled_reply(body: dict) -> str:
+    """Answer like a chatty LLM: a label, quotes, and which text and instruction it was given."""
+    [message] = body["messages"]
+    instruction, _, response = message["content"].partition("\n\nResponse: ")
+    mode = next(m for m, text in INSTRUCTIONS.items() if text == instruction)
+    return f'Rephrased response: "{response} of {mode}"'
+
+
+def test_add_rephrases_fills_the_four_types_from_an_endpoint():
+    with ChatServer(reply=labelled_reply) as server:
+        out = add_rephrases(ROWS, ChatEndpoint(server.base_url, "rephraser", backoff=0), temperature=0.5,
+                            max_tokens=64)
+    assert out[0] == {**ROWS[0], "chosen_gptsemantic": " Hi there! of semantic",
+                      "chosen_gptformat": " Hi there! of format", "reject_gptsemantic": " No. of semantic",
+                      "reject_gptformat": " No. of format"}
+    assert out[1]["chosen_gptsemantic"] == " Already here."  # a value the row already has is kept
+    assert out[1]["chosen_gptformat"] == " One, two, three. of format"
+    assert out[1]["reject_gptformat"] == " Four. of format"
+    assert len(server.requests) == 4 * 2 - 1  # nothing asked for the kept value
+    assert {(b["model"], b["temperature"], b["max_tokens"]) for _, _, b in server.requests} == {("rephraser", 0.5, 64)}
+    assert ROWS[0].keys() == {"prompt", "chosen", "rejected"}  # the input rows are not modified
+
+
+def test_add_rephrases_only_the_types_asked_for():
+    with ChatServer(reply=labelled_reply) as server:
+        out = add_rephrases(ROWS, ChatEndpoint(server.base_url, "m"), types=["reject_gptformat"])
+    assert [set(row) - set(src) for row, src in zip(out, ROWS)] == [{"reject_gptformat"}] * 2
+    assert len(server.requests) == 2
+
+
+def test_an_empty_reply_is_kept_and_warned_about(caplog):
+    with ChatServer(reply=lambda body: '  ""  ') as server:
+        out = add_rephrases(ROWS[:1], ChatEndpoint(server.base_url, "m"), types=["chosen_gptformat"])
+    assert out[0]["chosen_gptformat"] == ""
+    assert "1 of 1 chosen_gptformat rephrases came back empty" in caplog.text
+
+
+def test_rephrase_messages_name_the_instruction_and_the_text():
+    [message] = rephrase_messages("  Hi there!\n", "format")
+    assert message["role"] == "user"
+    assert message["content"] == INSTRUCTIONS["format"] + "\n\nResponse: Hi there!"
+    assert set(REPHRASE_TYPES.values()) == {(s, m) for s in ("chosen", "rejected") for m in INSTRUCTIONS}
+
+
+@pytest.mark.parametrize("reply, cleaned", [
+    ("Paris is the capital.", " Paris is the capital."),
+    ("  Paris is the capital.\n", " Paris is the capital."),
+    ('Rephrased response: "Paris is the capital."', " Paris is the capital."),
+    ("Rewritten response: Lyon is the capital.", " Lyon is the capital."),
+    ("Response: 'Paris.'", " Paris."),
+    ('"Rephrased response: Paris."', " Paris."),  # the label inside the quotes
+    ("rephrased response: Paris.", " Paris."),
+    ('He said "no"', ' He said "no"'),  # quotes that are part of the text stay
+    ('"Yes" and "no"', ' "Yes" and "no"'),
+    ("It's what it's", " It's what it's"),
+    ('""', ""),
+    ("   ", ""),
+])
+def test_clean_reply(reply, cleaned):
+    assert clean_reply(reply) == cleaned
+
+
+class CountingLocalModel(LocalChatModel):
+    """The tiny local model, recording how add_rephrases calls it."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.batches: list[int] = []
+
+    def complete(self, *args, **kwargs):
+        raise AssertionError("a local model should be given whole batches")
+
+    def complete_many(self, conversations, **kwargs):
+        self.batches.append(len(conversations))
+        return super().complete_many(conversations, **kwargs)
+
+
+@pytest.mark.usefixtures("one_thread")
+def test_add_rephrases_with_the_tiny_local_model():
+    model = CountingLocalModel("tiny", seed=1)
+    out = add_rephrases(ROWS, model, max_tokens=6)
+    assert model.batches == [1, 2, 2, 2]  # one batch per type; the kept chosen_gptsemantic is not asked for
+    for row, src in zip(out, ROWS):
+        assert set(row) == set(src) | set(REPHRASE_TYPES)
+        assert all(isinstance(row[t], str) for t in REPHRASE_TYPES)
+        assert all(row[t] == "" or row[t].startswith(" ") for t in REPHRASE_TYPES)
+    assert out[1]["chosen_gptsemantic"] == " Already here."
+    assert add_rephrases(ROWS, CountingLocalModel("tiny", seed=1), max_tokens=6) == out  # seeded
