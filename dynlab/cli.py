@@ -105,7 +105,7 @@ def probe_command(argv: Sequence[str]) -> None:
         def generate(prompts, **kwargs):
             return generate_responses(model, tokenizer, prompts, **kwargs)
 
-    rows = dm.build_probe_sets(tokenizer, generate=generate)[args.split]
+    rows = dm.build_probe_sets(tokenizer, generate=generate, splits=[args.split])[args.split]
     out = write_jsonl(args.out, rows)
     print(f"{out}: {len(rows)} rows, types {[t for t in rows[0] if t != 'prompt'] if rows else []}")
 

@@ -42,6 +42,9 @@ def test_fit_on_tiny(stage, in_tmp):
             assert math.isfinite(probes[6][f"probe/{split}/logp/{t}"])
             assert probes[0][f"probe/{split}/dlogp/{t}"] == 0.0
     assert probes[0]["probe/train/argmax_logp/chosen"] >= probes[0]["probe/train/logp/chosen"]
+    # the paper's code overwrote every type's argmax metrics with the last type's: each type keeps its own here
+    argmax = {t: probes[6][f"probe/train/argmax_logp/{t}"] for t in ("chosen", "rejected", "random_nonhum")}
+    assert len(set(argmax.values())) == 3
     losses = [r["train/loss"] for r in rows if "train/loss" in r]
     assert len(losses) == 6 and all(math.isfinite(v) for v in losses)
     if stage == "dpo":

@@ -107,7 +107,6 @@ def test_flat_file_with_an_openai_rephraser(in_tmp, capsys, monkeypatch, split, 
     assert "sk-probe-build-secret" not in Path("probe.jsonl").read_text()
 
 
-@pytest.mark.xfail(strict=True, reason="load_rows(format='probe') requires 'rejected' (dynlab/data/formats.py)")
 def test_a_probe_set_without_rejected_reads_back(in_tmp, capsys):
     rows = build(capsys, "--size", "2", *POOLS, "--types", "chosen", "irr_hum")
     assert all(list(row) == ["prompt", "chosen", "irr_hum"] for row in rows)

@@ -140,8 +140,9 @@ class ProbeDataModule(L.LightningDataModule):
         self._prepared_for = (id(tokenizer), view)
 
     def build_probe_sets(self, tokenizer, train_rows: list[dict] | None = None, heldout_rows: list[dict] | None = None,
-                         generate: Callable[..., list[str]] | None = None) -> dict[str, list[dict]]:
-        """The probe texts of both splits, ``{split: [{"prompt", type: response, ...}]}``; warns once about the
+                         generate: Callable[..., list[str]] | None = None,
+                         splits: Sequence[str] = PROBE_SPLITS) -> dict[str, list[dict]]:
+        """The probe texts of ``splits``, ``{split: [{"prompt", type: response, ...}]}``; warns once about the
         types that could not be built."""
         hp = self.hp
         if train_rows is None or heldout_rows is None:
@@ -150,7 +151,8 @@ class ProbeDataModule(L.LightningDataModule):
         backend = backend_from_spec(hp.rephraser, seed=hp.seed) if hp.rephraser else None
         skipped_all: set[str] = set()
         sets = {}
-        for split, (file, rows) in sources.items():
+        for split in splits:
+            file, rows = sources[split]
             rows = (load_rows(file, format="probe") if file else rows)[: hp.probe_size]
             if hp.sample_chosen_initial and any("chosen_initial" not in r for r in rows):
                 rows = self._with_chosen_initial(tokenizer, rows, generate)

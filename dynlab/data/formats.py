@@ -102,9 +102,11 @@ def parse_row(
     elif format == "chat":
         out = _parse_chat(raw, where, render_chat)
     else:
-        out = {key: _text(raw, key, where) for key in ("prompt", "chosen", "rejected")}
+        # a probe file may leave out rejected (e.g. `dynlab probe build --types chosen irr_hum`)
+        required = ("prompt", "chosen") if format == "probe" else ("prompt", "chosen", "rejected")
+        out = {key: _text(raw, key, where) for key in required}
         if format == "probe":
-            out.update({key: _text(raw, key, where) for key in _EXTRA_PROBE_KEYS if key in raw})
+            out.update({key: _text(raw, key, where) for key in ("rejected", *_EXTRA_PROBE_KEYS) if key in raw})
     if not out["prompt"].strip():
         raise InputError("the prompt is empty", field="prompt", **where)
     if not (allow_empty or format == "probe"):

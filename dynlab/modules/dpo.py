@@ -79,7 +79,7 @@ class DPOModule(CausalLMModule):
             label_smoothing=hp.label_smoothing, loss_type=hp.loss_type)
         loss = losses.mean()
         n = losses.shape[0]
-        self.log("train/loss", loss, prog_bar=True, batch_size=n)
+        self.log("train/loss", loss, prog_bar=True, batch_size=n, sync_dist=True)
         self.log_dict({
             "train/rewards/chosen": chosen_rewards.mean(),
             "train/rewards/rejected": rejected_rewards.mean(),
@@ -87,7 +87,7 @@ class DPOModule(CausalLMModule):
             "train/rewards/accuracy": (chosen_rewards > rejected_rewards).float().mean(),
             "train/logps/chosen": policy_chosen.detach().mean(),
             "train/logps/rejected": policy_rejected.detach().mean(),
-        }, batch_size=n)
+        }, batch_size=n, sync_dist=True)
         return loss
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from typing import Any, ClassVar, Literal
 
+import torch
 from torch import Tensor
 
 from dynlab.losses.sft import sft_loss
@@ -34,7 +35,13 @@ class SFTModule(CausalLMModule):
     def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
         logps, seq_index = self.response_token_logps(batch)
         loss = sft_loss(logps, seq_index, batch["input_ids"].shape[0], reduction=self.reduction)
-        self.log("train/loss", loss, prog_bar=True, batch_size=batch["input_ids"].shape[0])
+        world = self.trainer.world_size
+        if self.reduction == "token_mean" and world > 1:
+            # DDP averages gradients over ranks; rescale so the result is the mean over ALL ranks' tokens, exactly
+            # what one process on the whole batch computes (ranks hold different numbers of tokens)
+            local = torch.tensor(float(logps.numel()), device=logps.device)
+            loss = loss * local * world / self.trainer.strategy.reduce(local.clone(), reduce_op="sum")
+        self.log("train/loss", loss, prog_bar=True, batch_size=batch["input_ids"].shape[0], sync_dist=True)
         return loss
 
 

@@ -1,0 +1,49 @@
+"""Slow tier: 2-rank CPU DDP (gloo) through a real `dynlab fit` subprocess gives the numbers of one process."""
+
+from __future__ import annotations
+
+import csv
+import time
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from dynlab.tracking.trajectory import KEY_COLUMNS, read_trajectory
+from tests.conftest import CONFIGS, run_dynlab
+
+pytestmark = pytest.mark.slow
+
+
+def fit(cwd: Path, stage: str, *extra: str) -> tuple[Path, float]:
+    start = time.perf_counter()
+    proc = run_dynlab("fit", "--config", str(CONFIGS / f"{stage}.yaml"), "--config", str(CONFIGS / "tiny.yaml"),
+                      "--trainer.accelerator=cpu", *extra, cwd=cwd, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    line = next(x for x in proc.stdout.splitlines() if x.startswith("dynlab: run directory:"))
+    return cwd / line.split(":", 1)[1].split()[1], time.perf_counter() - start
+
+
+def metrics(run: Path) -> pd.DataFrame:
+    with open(run / "metrics.csv") as f:
+        rows = [{k: float(v) for k, v in r.items() if v} for r in csv.DictReader(f)]
+    return pd.DataFrame(rows).groupby("step").first()
+
+
+@pytest.mark.parametrize("stage", ["sft", "extend_sft", "dpo"])
+def test_two_ranks_match_one_process(stage, tmp_path):
+    one, t1 = fit(tmp_path / "one", stage, "--trainer.devices=1", "--data.init_args.batch_size=4")
+    two, t2 = fit(tmp_path / "two", stage, "--trainer.devices=2", "--trainer.strategy=ddp",
+                  "--data.init_args.batch_size=2")  # 2 ranks x 2 = the same global batch
+    print(f"{stage}: 1 rank {t1:.1f}s, 2 ranks {t2:.1f}s")
+    m1, m2 = metrics(one), metrics(two)
+    keys = [k for k in m1.columns if k.startswith(("probe/", "train/"))]
+    assert set(keys) <= set(m2.columns) and any(k.startswith("probe/") for k in keys)
+    pd.testing.assert_frame_equal(m1[keys], m2[keys], rtol=1e-4, atol=1e-4)
+    # the trajectory: written once (rank 0), every probe example exactly once, same numbers
+    t1_, t2_ = read_trajectory(one), read_trajectory(two)
+    assert not t2_.duplicated(list(KEY_COLUMNS)).any() and len(t1_) == len(t2_)
+    cols = [*KEY_COLUMNS, "logp", "dlogp", "argmax_logp", "entropy"]
+    pd.testing.assert_frame_equal(t1_[cols], t2_[cols], rtol=1e-4, atol=1e-3)
+    assert (two / "export" / "model.safetensors").is_file()
+    assert not (tmp_path / "two" / "runs" / stage / "version_1").exists()  # one run directory, not one per rank
