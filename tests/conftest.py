@@ -33,3 +33,9 @@ def run_dynlab(*args: str, cwd: Path, timeout: float = 900, env: dict | None = N
     full_env = {**os.environ, **(env or {})}
     return subprocess.run([sys.executable, "-m", "dynlab.cli", *args], cwd=cwd, env=full_env, text=True,
                           capture_output=True, timeout=timeout)
+
+
+def run_dir_of(proc: subprocess.CompletedProcess, cwd: Path) -> Path:
+    """The run directory a `dynlab fit` subprocess printed at its end."""
+    line = next(x for x in proc.stdout.splitlines() if x.startswith("dynlab: run directory: "))
+    return cwd / line.removeprefix("dynlab: run directory: ").split()[0]

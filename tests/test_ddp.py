@@ -10,18 +10,18 @@ import pandas as pd
 import pytest
 
 from dynlab.tracking.trajectory import KEY_COLUMNS, read_trajectory
-from tests.conftest import CONFIGS, run_dynlab
+from tests.conftest import CONFIGS, run_dir_of, run_dynlab
 
 pytestmark = pytest.mark.slow
 
 
 def fit(cwd: Path, stage: str, *extra: str) -> tuple[Path, float]:
+    cwd.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
     proc = run_dynlab("fit", "--config", str(CONFIGS / f"{stage}.yaml"), "--config", str(CONFIGS / "tiny.yaml"),
                       "--trainer.accelerator=cpu", *extra, cwd=cwd, timeout=600)
     assert proc.returncode == 0, proc.stderr[-4000:]
-    line = next(x for x in proc.stdout.splitlines() if x.startswith("dynlab: run directory:"))
-    return cwd / line.split(":", 1)[1].split()[1], time.perf_counter() - start
+    return run_dir_of(proc, cwd), time.perf_counter() - start
 
 
 def metrics(run: Path) -> pd.DataFrame:

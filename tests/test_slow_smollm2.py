@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import CONFIGS, run_dynlab
+from tests.conftest import CONFIGS, run_dir_of, run_dynlab
 
 pytestmark = pytest.mark.slow
 SMALL = ("--data.init_args.probe_size=4", "--data.init_args.num_train=16", "--data.init_args.num_heldout=8")
@@ -17,8 +17,7 @@ SMALL = ("--data.init_args.probe_size=4", "--data.init_args.num_train=16", "--da
 def fit(cwd: Path, stage: str, *extra: str) -> Path:
     proc = run_dynlab("fit", "--config", str(CONFIGS / f"{stage}.yaml"), *SMALL, *extra, cwd=cwd)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    line = next(x for x in proc.stdout.splitlines() if x.startswith("dynlab: run directory:"))
-    return cwd / line.split(":", 1)[1].split()[1]
+    return run_dir_of(proc, cwd)
 
 
 def probe_rows(run: Path) -> dict[int, dict[str, float]]:

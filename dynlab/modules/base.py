@@ -92,6 +92,7 @@ class CausalLMModule(L.LightningModule):
 
     # ---- set-up ---------------------------------------------------------------------------------------------------
     def setup(self, stage: str) -> None:
+        self._run_dir = Path(self.trainer.log_dir or self.trainer.default_root_dir)
         datamodule = self.trainer.datamodule
         self.probe_types = dict(datamodule.probe_types)
         for split, types in self.probe_types.items():
@@ -257,8 +258,9 @@ class CausalLMModule(L.LightningModule):
 
     @property
     def run_dir(self) -> Path:
-        """Where this run's files go: the logger's versioned directory."""
-        return Path(self.trainer.log_dir or self.trainer.default_root_dir)
+        """Where this run's files go: the logger's versioned directory (resolved in ``setup`` on every rank, since
+        ``trainer.log_dir`` is a collective under DDP)."""
+        return self._run_dir
 
     def on_train_end(self) -> None:
         if not self.trainer.is_global_zero:
