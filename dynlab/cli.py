@@ -9,15 +9,27 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import warnings
 from collections.abc import Sequence
 
-from lightning.pytorch.cli import LightningCLI
+from lightning.pytorch import LightningModule, Trainer
+from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
+from lightning.pytorch.loggers import WandbLogger
 
 from dynlab.data.datamodule import ProbeDataModule
 from dynlab.errors import InputError
 from dynlab.modules.base import CausalLMModule
+
+
+class SaveAndLogConfig(SaveConfigCallback):
+    """Save the resolved config as ``config.yaml`` in the run directory and log it whole to W&B (rank 0)."""
+
+    def save_config(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        for logger in trainer.loggers:
+            if isinstance(logger, WandbLogger):
+                logger.log_hyperparams(self.config.as_dict())
 
 
 class DynlabCLI(LightningCLI):
@@ -30,6 +42,7 @@ class DynlabCLI(LightningCLI):
             subclass_mode_model=True,
             subclass_mode_data=True,
             parser_kwargs={"parser_mode": "omegaconf"},
+            save_config_callback=SaveAndLogConfig,
             save_config_kwargs={"overwrite": True},
             args=args,
             run=run,
@@ -43,7 +56,14 @@ class DynlabCLI(LightningCLI):
 
     def after_fit(self) -> None:
         if self.trainer.is_global_zero:
-            print(f"dynlab: run directory: {self.model.run_dir}  (metrics.csv, config.yaml, checkpoints/, export/)")
+            print(f"dynlab: run directory: {self.model.run_dir}  (metrics.csv, config.yaml, probes/, figures/, "
+                  "checkpoints/, export/)")
+            for logger in self.trainer.loggers:
+                if isinstance(logger, WandbLogger):
+                    if logger.experiment.settings.mode == "offline":
+                        print(f"dynlab: W&B offline run: {logger.experiment.dir.removesuffix('/files')}  "
+                              "(upload: wandb sync DIR)")
+                    logger.experiment.finish()  # flush everything (the figures come last) before the process ends
 
 
 def plot_command(argv: Sequence[str]) -> None:
@@ -123,6 +143,9 @@ def main(argv: Sequence[str] | None = None) -> None:
             print(f"dynlab: error: {err}", file=sys.stderr)
             sys.exit(2)
         return
+    # W&B offline unless the user chose a mode or gave a key (offline runs sync later with `wandb sync`)
+    if not os.environ.get("WANDB_MODE") and not os.environ.get("WANDB_API_KEY"):
+        os.environ["WANDB_MODE"] = "offline"
     # called with explicit args from Python (tests, sweeps), sys.argv belongs to the caller
     warnings.filterwarnings("ignore", message="LightningCLI's args parameter is intended")
     try:

@@ -11,6 +11,9 @@ import pytest
 
 from dynlab.models.load import ModelSpec
 
+# W&B is part of the shipped configs; tests that do not read it back keep it out of the way (fast, no files)
+os.environ.setdefault("WANDB_MODE", "disabled")
+
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = REPO / "configs"
 SHARED_PROBE_FILE = REPO.parent / "shared" / "data" / "hh_probe" / "probe_test.jsonl"

@@ -11,13 +11,15 @@ from dynlab.cli import main
 from dynlab.tracking.trajectory import KEY_COLUMNS, read_trajectory
 from tests.conftest import CONFIGS
 
+CSV_VERSION_0 = ('--trainer.logger=[{"class_path": "lightning.pytorch.loggers.CSVLogger", '
+                 '"init_args": {"save_dir": "runs", "name": "dpo", "version": 0}}]')  # resume into the same directory
 CHECKPOINT_EVERY_3 = ('--trainer.callbacks=[{"class_path": "lightning.pytorch.callbacks.ModelCheckpoint", '
                       '"init_args": {"every_n_train_steps": 3, "save_top_k": -1}}]')
 
 
 def test_resume_from_an_earlier_checkpoint_leaves_no_duplicates(in_tmp):
     args = ["fit", "--config", str(CONFIGS / "dpo.yaml"), "--config", str(CONFIGS / "tiny.yaml"),
-            "--trainer.logger.init_args.version=0", CHECKPOINT_EVERY_3]
+            CSV_VERSION_0, CHECKPOINT_EVERY_3]
     main(args)
     run = Path("runs/dpo/version_0")
     first = read_trajectory(run)

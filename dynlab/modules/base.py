@@ -270,8 +270,8 @@ class CausalLMModule(L.LightningModule):
             figures = plot_runs([self.run_dir], self.run_dir / "figures")
             for logger in self.loggers:
                 if hasattr(logger, "log_image"):  # W&B: the same figures as images on the run
-                    logger.log_image(key="figures", images=[str(f) for f in figures],
-                                     caption=[f.stem for f in figures])
+                    for figure in figures:
+                        logger.log_image(key=f"figures/{figure.stem}", images=[str(figure)])
 
 
 def export_pretrained(model: nn.Module, tokenizer: Any, out: Path) -> Path:
