@@ -130,7 +130,20 @@ def probe_command(argv: Sequence[str]) -> None:
     print(f"{out}: {len(rows)} rows, types {[t for t in rows[0] if t != 'prompt'] if rows else []}")
 
 
-SUBCOMMANDS = {"plot": plot_command, "probe": probe_command}
+def sweep_command(argv: Sequence[str]) -> None:
+    """``dynlab sweep``: run a W&B sweep YAML locally (no W&B server) with W&B's open-source sweep engine."""
+    parser = argparse.ArgumentParser(prog="dynlab sweep", description=sweep_command.__doc__)
+    parser.add_argument("sweep", help="a sweep YAML, e.g. sweeps/dpo_lr_epochs.yaml")
+    parser.add_argument("--count", type=int, required=True, help="total trials (finished ones from before count)")
+    parser.add_argument("--config", action="append", default=[], help="overlay config(s) for every trial")
+    parser.add_argument("--out", default=None, help="summary directory (default runs/sweeps/<sweep name>)")
+    args = parser.parse_args(argv)
+    from dynlab.sweep import run_sweep
+
+    run_sweep(args.sweep, args.count, overlays=args.config, out_dir=args.out)
+
+
+SUBCOMMANDS = {"plot": plot_command, "probe": probe_command, "sweep": sweep_command}
 
 
 def main(argv: Sequence[str] | None = None) -> None:

@@ -1,0 +1,76 @@
+"""Sweep YAMLs: valid W&B sweeps whose swept keys the CLI accepts; a local grid sweep of the tiny overlay runs end to
+end through W&B's own sweep engine, and an interrupted sweep resumes without redoing finished trials."""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+import pytest
+import yaml
+
+from dynlab.cli import main
+from dynlab.sweep import trial_command
+from sweeps import schema_violations_from_proposed_config
+from tests.conftest import CONFIGS, REPO
+
+SWEEPS = sorted((REPO / "sweeps").glob("*.yaml"))
+
+
+def test_there_is_a_sweep_per_stage():
+    assert {p.stem for p in SWEEPS} >= {"sft_lr_epochs", "dpo_lr_epochs", "extend_sft_lr_epochs"}
+    assert {yaml.safe_load(p.read_text())["method"] for p in SWEEPS} >= {"grid", "bayes"}
+
+
+@pytest.mark.parametrize("path", SWEEPS, ids=lambda p: p.stem)
+def test_sweep_is_valid_and_every_swept_key_parses(path, capsys):
+    sweep = yaml.safe_load(path.read_text())
+    assert schema_violations_from_proposed_config(sweep) == []
+    assert sweep["command"][:3] == ["${env}", "dynlab", "fit"] and sweep["command"][-1] == "${args}"
+    assert sweep["metric"]["name"].startswith("probe/")
+    config = sweep["command"][sweep["command"].index("--config") + 1]
+    for key, spec in sweep["parameters"].items():
+        for value in spec.get("values", [spec.get("min"), spec.get("max")]):
+            with pytest.raises(SystemExit) as exit_:
+                main(["fit", "--config", str(REPO / config), "--trainer.max_steps=-1", f"--{key}={value}",
+                      "--print_config"])
+            assert exit_.value.code in (0, None)
+            printed = yaml.safe_load(capsys.readouterr().out)
+            node = printed
+            for part in key.split("."):
+                node = node[part]
+            assert node == value
+
+
+def test_trial_command_puts_overlays_after_the_sweep_configs():
+    sweep = yaml.safe_load((REPO / "sweeps" / "sft_lr_epochs.yaml").read_text())
+    cmd = trial_command(sweep, {"trainer.max_epochs": 2}, overlays=["tiny.yaml"])
+    i = cmd.index("configs/sft.yaml")
+    assert cmd[i + 1 : i + 3] == ["--config", "tiny.yaml"] and cmd[-1] == "--trainer.max_epochs=2"
+
+
+@pytest.mark.slow
+def test_local_grid_sweep_runs_and_resumes(in_tmp, capsys):
+    # a 2 x 2 grid on the tiny overlay; the overlay's own max_steps is lifted so max_epochs decides
+    sweep = yaml.safe_load((REPO / "sweeps" / "sft_lr_epochs.yaml").read_text())
+    sweep["parameters"]["model.init_args.optimizer.init_args.lr"]["values"] = [1e-3, 3e-3]
+    sweep["command"][sweep["command"].index("configs/sft.yaml")] = str(CONFIGS / "sft.yaml")
+    sweep["command"].insert(-1, "--trainer.max_steps=-1")  # after the overlay, which sets max_steps
+    path = in_tmp / "grid.yaml"
+    path.write_text(yaml.safe_dump(sweep))
+    main(["sweep", str(path), "--count", "2", "--config", str(CONFIGS / "tiny.yaml")])  # "interrupted" after 2
+    summary = Path("runs/sweeps/grid/summary.csv")
+    first = list(csv.DictReader(summary.open()))
+    assert [r["state"] for r in first] == ["finished", "finished"]
+    main(["sweep", str(path), "--count", "10", "--config", str(CONFIGS / "tiny.yaml")])  # resumes; grid has 4
+    rows = list(csv.DictReader(summary.open()))
+    assert len(rows) == 4 and rows[:2] == first  # the finished trials were not redone
+    points = {(float(r["model.init_args.optimizer.init_args.lr"]), int(r["trainer.max_epochs"])) for r in rows}
+    assert points == {(1e-3, 1), (1e-3, 2), (3e-3, 1), (3e-3, 2)}
+    assert all(r["metric"] not in ("", "nan") for r in rows)
+    out = capsys.readouterr().out
+    assert "best trial" in out and "summary: runs/sweeps/grid/summary.csv" in out
+    # 1 epoch of 16 examples at batch 4 is 4 steps, 2 epochs are 8: max_epochs really decided the length
+    steps = {int(r["trainer.max_epochs"]): max(int(float(x["step"])) for x in
+             csv.DictReader(open(Path(r["run_dir"]) / "metrics.csv"))) for r in rows}
+    assert steps[2] > steps[1]
