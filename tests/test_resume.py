@@ -3,6 +3,7 @@ file instead of adding duplicate rows (the paper's result files interleaved rest
 
 from __future__ import annotations
 
+import csv
 from pathlib import Path
 
 import pandas as pd
@@ -35,3 +36,20 @@ def test_resume_from_an_earlier_checkpoint_leaves_no_duplicates(in_tmp):
     cols = ["logp", "dlogp", "argmax_logp"]
     pd.testing.assert_frame_equal(first[list(KEY_COLUMNS) + cols], again[list(KEY_COLUMNS) + cols],
                                   rtol=1e-4, atol=1e-3)
+
+
+def test_resume_in_place_with_ckpt_path_last_keeps_the_metrics_history(in_tmp, monkeypatch):
+    # what a requeued Slurm job does: a fixed run directory and --ckpt_path=last
+    monkeypatch.setenv("DYNLAB_RUN_VERSION", "slurm-7")
+    args = ["fit", "--config", str(CONFIGS / "dpo.yaml"), "--config", str(CONFIGS / "tiny.yaml"), CHECKPOINT_EVERY_3,
+            "--ckpt_path=last"]
+    main([*args, "--trainer.max_steps=3"])  # "killed" after step 3
+    main([*args, "--trainer.max_steps=6"])  # requeued: resumes from last.ckpt in the same directory
+    run = Path("runs/dpo/slurm-7")
+    with open(run / "metrics.csv") as f:
+        rows = list(csv.DictReader(f))
+    probe_steps = [int(r["step"]) for r in rows if r.get("probe/train/logp/chosen")]
+    loss_steps = [int(r["step"]) for r in rows if r.get("train/loss")]
+    assert probe_steps == [0, 3, 6]  # nothing from before the resume was lost, nothing doubled
+    assert sorted(loss_steps) == [0, 1, 2, 3, 4, 5]
+    assert sorted(read_trajectory(run)["step"].unique()) == [0, 3, 6]

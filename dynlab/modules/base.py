@@ -229,7 +229,8 @@ class CausalLMModule(L.LightningModule):
         return self.global_step % every == 0 or self.global_step >= self.trainer.estimated_stepping_batches
 
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
-        if self.global_step == 0 and self._probe_due():
+        # step 0, and a resumed run whose checkpoint was written before that step's evaluation
+        if self._probe_due():
             self.run_probe_evaluation()
 
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
