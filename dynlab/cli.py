@@ -13,6 +13,7 @@ import os
 import sys
 import warnings
 from collections.abc import Sequence
+from pathlib import Path
 
 from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
@@ -53,6 +54,12 @@ class DynlabCLI(LightningCLI):
         self.datamodule.prepare(self.model.tokenizer, self.model.training_view, self.model.generate)
 
     before_fit = before_validate = before_test = _prepare_data
+
+    def _prepare_subcommand_kwargs(self, subcommand: str) -> dict:
+        kwargs = super()._prepare_subcommand_kwargs(subcommand)
+        if kwargs.get("ckpt_path") == "last":
+            kwargs["ckpt_path"] = newest_checkpoint(self.trainer) or "last"
+        return kwargs
 
     def after_fit(self) -> None:
         if self.trainer.is_global_zero:
@@ -143,7 +150,49 @@ def sweep_command(argv: Sequence[str]) -> None:
     run_sweep(args.sweep, args.count, overlays=args.config, out_dir=args.out)
 
 
-SUBCOMMANDS = {"plot": plot_command, "probe": probe_command, "sweep": sweep_command}
+def slurm_command(argv: Sequence[str]) -> None:
+    """``dynlab slurm``: write (and with --submit, submit) an sbatch script running ``dynlab fit`` on Slurm."""
+    args_, fit = (list(argv), []) if "--" not in argv else (list(argv[: argv.index("--")]),
+                                                            list(argv[argv.index("--") + 1:]))
+    usage = "dynlab slurm --nodes N --gpus-per-node G [options] -- fit --config FILE ..."
+    parser = argparse.ArgumentParser(prog="dynlab slurm", description=slurm_command.__doc__, usage=usage)
+    parser.add_argument("--nodes", type=int, required=True)
+    parser.add_argument("--gpus-per-node", type=int, required=True, help="0 for CPU nodes (see --tasks-per-node)")
+    parser.add_argument("--tasks-per-node", type=int, default=None, help="CPU processes per node when no GPUs")
+    parser.add_argument("--time", default=None, help="e.g. 04:00:00")
+    parser.add_argument("--partition", default=None)
+    parser.add_argument("--account", default=None)
+    parser.add_argument("--cpus-per-task", type=int, default=None)
+    parser.add_argument("--mem", default=None)
+    parser.add_argument("--job-name", default="dynlab")
+    parser.add_argument("--workdir", default=None, help="directory the job runs in (default: where sbatch runs)")
+    parser.add_argument("--setup", action="append", default=[], help="a shell line before srun (module load ...)")
+    parser.add_argument("--out", default="dynlab.sbatch", help="where to write the script")
+    parser.add_argument("--submit", action="store_true", help="sbatch the script and print the job id")
+    args = parser.parse_args(args_)
+    from dynlab.slurm import sbatch_script, submit
+
+    script = sbatch_script(fit, nodes=args.nodes, gpus_per_node=args.gpus_per_node, time=args.time,
+                           partition=args.partition, account=args.account, job_name=args.job_name,
+                           cpus_per_task=args.cpus_per_task, mem=args.mem, tasks_per_node=args.tasks_per_node,
+                           workdir=args.workdir, setup=args.setup)
+    out = Path(args.out)
+    out.write_text(script)
+    out.chmod(0o755)
+    print(f"dynlab: wrote {out}")
+    if args.submit:
+        print(f"dynlab: submitted job {submit(out)}")
+
+
+SUBCOMMANDS = {"plot": plot_command, "probe": probe_command, "sweep": sweep_command, "slurm": slurm_command}
+
+
+def newest_checkpoint(trainer: Trainer) -> str | None:
+    """For ``--ckpt_path=last``: the newest of the run's checkpoints and Lightning's Slurm pre-emption checkpoints
+    (``hpc_ckpt_*.ckpt`` in ``default_root_dir``, saved on SIGUSR1), so a requeued job loses no steps."""
+    candidates = [*Path(trainer.log_dir or ".", "checkpoints").glob("*.ckpt"),
+                  *Path(trainer.default_root_dir).glob("hpc_ckpt_*.ckpt")]
+    return str(max(candidates, key=lambda p: p.stat().st_mtime)) if candidates else None
 
 
 def main(argv: Sequence[str] | None = None) -> None:
