@@ -49,3 +49,11 @@ def test_paper_configs_carry_the_paper_settings(capsys):
     assert dpo["data"]["init_args"]["batch_size"] == 2 and dpo["data"]["init_args"]["max_length"] == 512
     sched = dpo["model"]["init_args"]["scheduler"]
     assert sched["init_args"]["total_iters"] == 150
+
+
+def test_fsdp_strategy_overlay_parses(capsys):
+    cfg = _print_config(capsys, "--config", str(CONFIGS / "paper" / "dpo.yaml"),
+                        "--config", str(CONFIGS / "strategies" / "fsdp.yaml"))
+    strategy = cfg["trainer"]["strategy"]
+    assert strategy["class_path"] == "lightning.pytorch.strategies.FSDPStrategy"
+    assert strategy["init_args"]["sharding_strategy"] == "FULL_SHARD" and cfg["trainer"]["precision"] == "bf16-mixed"
