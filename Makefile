@@ -26,7 +26,7 @@ demo: install
 	$(BIN)/dynlab fit --config configs/dpo.yaml
 
 test: install
-	$(BIN)/ruff check dynlab tests
+	$(BIN)/ruff check dynlab tests benchmarks
 	$(BIN)/pytest tests
 
 test-fast: install
@@ -36,7 +36,7 @@ test-slow: install
 	$(BIN)/pytest -m slow tests
 
 lint: install
-	$(BIN)/ruff check dynlab tests
+	$(BIN)/ruff check dynlab tests benchmarks
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

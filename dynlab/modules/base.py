@@ -93,7 +93,10 @@ class CausalLMModule(L.LightningModule):
     # ---- set-up ---------------------------------------------------------------------------------------------------
     def setup(self, stage: str) -> None:
         self._run_dir = Path(self.trainer.log_dir or self.trainer.default_root_dir)
-        datamodule = self.trainer.datamodule
+        self.init_probe_state(self.trainer.datamodule)
+
+    def init_probe_state(self, datamodule: Any) -> None:
+        """One metric per (split, probe type), one preference metric per split, and empty step-0 baselines."""
         self.probe_types = dict(datamodule.probe_types)
         for split, types in self.probe_types.items():
             for t in types:
