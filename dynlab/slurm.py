@@ -24,10 +24,12 @@ def sbatch_script(dynlab_args: Sequence[str], *, nodes: int, gpus_per_node: int,
                   cpus_per_task: int | None = None, mem: str | None = None, tasks_per_node: int | None = None,
                   workdir: str | Path | None = None, python: str = sys.executable,
                   setup: Sequence[str] = (), extra_sbatch: Sequence[str] = ()) -> str:
-    """The sbatch script text. ``dynlab_args`` is a ``fit ...`` command line; devices per node are the GPUs per
-    node, or ``tasks_per_node`` CPU processes when ``gpus_per_node`` is 0."""
-    if not dynlab_args or dynlab_args[0] != "fit":
-        raise InputError("dynlab slurm runs `dynlab fit ...`: put `-- fit --config FILE ...` after the options")
+    """The sbatch script text. ``dynlab_args`` is a ``fit ...`` command line (devices per node are the GPUs per
+    node, or ``tasks_per_node`` CPU processes when ``gpus_per_node`` is 0), or a ``sweep ...`` command line: a
+    local sweep agent that runs its trials one after another inside the allocation."""
+    if not dynlab_args or dynlab_args[0] not in ("fit", "sweep"):
+        raise InputError("dynlab slurm runs `dynlab fit ...` or `dynlab sweep ...`: put `-- fit --config FILE ...` "
+                         "after the options")
     if nodes < 1 or gpus_per_node < 0:
         raise InputError("need --nodes >= 1 and --gpus-per-node >= 0")
     devices = gpus_per_node or tasks_per_node or 1
@@ -59,6 +61,9 @@ def sbatch_script(dynlab_args: Sequence[str], *, nodes: int, gpus_per_node: int,
         'export WANDB_RUN_ID="${WANDB_RUN_ID:-dynlab-$SLURM_JOB_ID}" WANDB_RESUME=allow',
         'echo "dynlab: job $SLURM_JOB_ID (restart ${SLURM_RESTART_COUNT:-0}) on $SLURM_JOB_NODELIST"',
     ]
+    if dynlab_args[0] == "sweep":  # the agent: one process; each trial is a `dynlab fit` on this allocation
+        lines.append(" ".join(shlex.quote(a) for a in [python, "-m", "dynlab.cli", *dynlab_args]))
+        return "\n".join(lines) + "\n"
     fit = [python, "-m", "dynlab.cli", *dynlab_args, f"--trainer.num_nodes={nodes}", f"--trainer.devices={devices}",
            "--trainer.default_root_dir=runs/slurm-$SLURM_JOB_ID", "--ckpt_path=last"]
     if not gpus_per_node:

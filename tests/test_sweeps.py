@@ -74,3 +74,11 @@ def test_local_grid_sweep_runs_and_resumes(in_tmp, capsys):
     steps = {int(r["trainer.max_epochs"]): max(int(float(x["step"])) for x in
              csv.DictReader(open(Path(r["run_dir"]) / "metrics.csv"))) for r in rows}
     assert steps[2] > steps[1]
+
+
+def test_a_sweep_agent_runs_inside_a_slurm_allocation(in_tmp):
+    main(["slurm", "--nodes", "1", "--gpus-per-node", "1", "--time", "01:00:00", "--out", "agent.sbatch", "--",
+          "sweep", "sweeps/dpo_lr_epochs.yaml", "--count", "8"])
+    script = Path("agent.sbatch").read_text()
+    assert "#SBATCH --gpus-per-node=1" in script and "#SBATCH --requeue" in script
+    assert script.strip().splitlines()[-1].endswith("-m dynlab.cli sweep sweeps/dpo_lr_epochs.yaml --count 8")
