@@ -51,6 +51,17 @@ class DynlabCLI(LightningCLI):
 
     def _prepare_data(self) -> None:
         # read, validate and tokenize all data now, so bad input fails before the run directory is written
+        hp, trainer = self.datamodule.hparams, self.trainer
+        if hp.rephraser and trainer.world_size > 1:  # each rank would draw its own, different rephrases
+            raise InputError("build rephrased probes once (dynlab probe build --rephraser ... --out FILE) and pass "
+                             "the file as data.probe_train_file / data.probe_test_file for multi-process runs",
+                             field="data.rephraser")
+        if self.subcommand == "fit" and self.config[self.subcommand].get("ckpt_path"):
+            # a resumed run scores exactly the probe texts it started with (sampled or rephrased ones included)
+            for split in ("train", "test"):
+                saved = Path(trainer.log_dir or ".", "probes", f"probe_{split}.jsonl")
+                if saved.is_file():
+                    hp[f"probe_{split}_file"] = str(saved)
         self.datamodule.prepare(self.model.tokenizer, self.model.training_view, self.model.generate)
 
     before_fit = before_validate = before_test = _prepare_data
@@ -210,6 +221,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         os.environ["WANDB_MODE"] = "offline"
     # called with explicit args from Python (tests, sweeps), sys.argv belongs to the caller
     warnings.filterwarnings("ignore", message="LightningCLI's args parameter is intended")
+    # Lightning's hint for machines that have srun installed but run dynlab outside Slurm: noise here
+    warnings.filterwarnings("ignore", message="The `srun` command is available on your system")
     try:
         DynlabCLI(args=None if argv is None else list(argv))
     except Exception as exc:

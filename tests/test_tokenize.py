@@ -32,9 +32,9 @@ def test_long_prompt_keeps_its_end_for_the_longest_response(tok):
     prompt = "\n\nHuman: " + "word " * 80 + "LAST\n\nAssistant:"
     full = tok(prompt)["input_ids"]
     prompt_ids, enc = encode_row(tok, prompt, {"chosen": " a b c", "rejected": " " + "x " * 20},
-                                 max_length=60, max_prompt_length=20)
+                                 max_length=80, max_prompt_length=20)
     assert prompt_ids == full[-20:]  # the end of the dialogue is kept
-    assert len(prompt_ids) + max(len(v) for v in enc.values()) <= 60
+    assert len(prompt_ids) + max(len(v) for v in enc.values()) <= 80
 
 
 def test_prompt_not_cut_when_the_row_fits(tok):
@@ -81,3 +81,16 @@ def test_sft_and_dpo_collators():
     # rows [:B] are chosen, [B:] rejected, each with its own prompt
     assert dpo["input_ids"][0, :3].tolist() == [1, 5, 6] and dpo["input_ids"][3, :5].tolist() == [1, 1, 9, 9, 9]
     assert torch.equal(dpo["labels"][2, :2], torch.tensor([IGNORE_INDEX, 7]))
+
+
+def test_cutting_a_prompt_keeps_the_tokenizers_bos(tok):
+    class WithBos:  # a tokenizer that starts every prompt with BOS (Llama-style)
+        bos_token_id, eos_token_id = 7, tok.eos_token_id
+
+        def __call__(self, text, add_special_tokens=True):
+            ids = tok(text, add_special_tokens=False)["input_ids"]
+            return {"input_ids": [7, *ids] if add_special_tokens else ids}
+
+    prompt = "\n\nHuman: " + "word " * 80 + "LAST\n\nAssistant:"
+    prompt_ids, _ = encode_row(WithBos(), prompt, {"chosen": " ok"}, max_length=30, max_prompt_length=10)
+    assert prompt_ids == [7, *tok(prompt, add_special_tokens=False)["input_ids"][-9:]]

@@ -115,6 +115,7 @@ class ProbeDataModule(L.LightningDataModule):
         self.save_hyperparameters()
         self.hp = self.hparams
         self._prepared_for: tuple | None = None
+        self._heldout_origin: tuple[str, int] = (source, 0)
         self.train_examples: list[dict] = []
         self.probe_examples: dict[str, list[dict]] = {}
         self.probe_types: dict[str, list[str]] = {}
@@ -134,9 +135,11 @@ class ProbeDataModule(L.LightningDataModule):
         self.train_examples = self._training_view(tokenizer, train_rows, view)
         self.probe_rows = self.build_probe_sets(tokenizer, train_rows, heldout_rows, generate)
         for split, rows in self.probe_rows.items():
-            file = {"train": self.hp.probe_train_file, "test": self.hp.probe_test_file}[split] or self.hp.source
+            file = {"train": self.hp.probe_train_file, "test": self.hp.probe_test_file}[split]
+            # where an error should point: the probe file, or the rows' place in the source
+            origin = (file, 0) if file else {"train": (self.hp.source, 0), "test": self._heldout_origin}[split]
             self.probe_types[split] = [t for t in rows[0] if t != "prompt"] if rows else []
-            self.probe_examples[split] = [self._encode(tokenizer, r, i, file) for i, r in enumerate(rows)]
+            self.probe_examples[split] = [self._encode(tokenizer, r, i, *origin) for i, r in enumerate(rows)]
         self._prepared_for = (id(tokenizer), view)
 
     def build_probe_sets(self, tokenizer, train_rows: list[dict] | None = None, heldout_rows: list[dict] | None = None,
@@ -178,6 +181,7 @@ class ProbeDataModule(L.LightningDataModule):
         hp = self.hp
         if hp.source == "synthetic":
             rows = make_synthetic((hp.num_train or 256) + hp.num_heldout, seed=hp.seed)
+            self._heldout_origin = (hp.source, len(rows) - hp.num_heldout)
             return rows[: len(rows) - hp.num_heldout], rows[len(rows) - hp.num_heldout:]
         render = None
         if getattr(tokenizer, "chat_template", None):
@@ -189,19 +193,22 @@ class ProbeDataModule(L.LightningDataModule):
             rows = load_rows(hp.source, split=hp.split, limit=n, **kwargs)
             cut = len(rows) - hp.num_heldout if hp.num_train is None else min(hp.num_train, len(rows))
             train, heldout = rows[:cut], rows[cut:]
+            self._heldout_origin = (hp.source, cut)
         else:
             train = load_rows(hp.source, split=hp.split, limit=hp.num_train, **kwargs)
             heldout = load_rows(hp.source, split=hp.heldout_split, limit=hp.num_heldout, **kwargs)
+            self._heldout_origin = (f"{hp.source}[{hp.heldout_split}]", 0)
         if not train or not heldout:
             raise InputError(f"need training and held-out rows, got {len(train)} and {len(heldout)}; "
                              f"lower data.num_heldout or set data.heldout_split", file=hp.source)
         return train, heldout
 
-    def _encode(self, tokenizer, row: dict, index: int, file: str) -> dict:
+    def _encode(self, tokenizer, row: dict, index: int, file: str, row_offset: int = 0) -> dict:
         responses = {k: v for k, v in row.items() if k != "prompt"}
         prompt_ids, encoded = encode_row(tokenizer, row["prompt"], responses, max_length=self.hp.max_length,
                                          max_prompt_length=self.hp.max_prompt_length,
-                                         response_truncation=self.hp.response_truncation, file=file, row=index + 1)
+                                         response_truncation=self.hp.response_truncation, file=file,
+                                         row=row_offset + index + 1)
         return {"index": index, "prompt_ids": prompt_ids, "responses": encoded}
 
     def _training_view(self, tokenizer, rows: list[dict], view: TrainingView) -> list[dict]:
@@ -233,8 +240,9 @@ class ProbeDataModule(L.LightningDataModule):
         sampler = ResumableSampler(self.train_examples, world, rank, seed=self.hp.seed)
         if trainer is not None and trainer.state.fn == "fit" and trainer.global_step:
             # from the optimizer steps taken (Lightning's own batch progress lags by one in step checkpoints)
-            per_epoch = math.ceil(len(sampler) / self.hp.batch_size)
-            done = trainer.global_step * trainer.accumulate_grad_batches - trainer.current_epoch * per_epoch
+            per_epoch, k = math.ceil(len(sampler) / self.hp.batch_size), trainer.accumulate_grad_batches
+            steps_per_epoch = math.ceil(per_epoch / k)  # Lightning also steps on an epoch's last, short group
+            done = (trainer.global_step - trainer.current_epoch * steps_per_epoch) * k
             sampler.skip = min(max(done, 0), per_epoch) * self.hp.batch_size
         return DataLoader(self.train_examples, batch_size=self.hp.batch_size, sampler=sampler,
                           collate_fn=self._collate, num_workers=self.hp.num_workers)

@@ -42,7 +42,11 @@ def encode_row(
                for name, text in responses.items()}
     longest = max(len(ids) for ids in encoded.values())
     if len(prompt_ids) + longest > max_length and len(prompt_ids) > max_prompt_length:
-        prompt_ids = prompt_ids[-max_prompt_length:]  # keep the end of a long prompt
+        bos = tokenizer.bos_token_id
+        if bos is not None and prompt_ids[0] == bos:  # keep the BOS the tokenizer put first, then the end
+            prompt_ids = [bos, *prompt_ids[len(prompt_ids) - max_prompt_length + 1:]]
+        else:
+            prompt_ids = prompt_ids[-max_prompt_length:]  # keep the end of a long prompt
     room = max_length - len(prompt_ids)
     for name, ids in encoded.items():
         if len(ids) > room:

@@ -71,20 +71,34 @@ def load_tokenizer(spec: ModelSpec) -> PreTrainedTokenizerBase:
 
 
 def load_model(spec: ModelSpec, init_from: str | None = None) -> PreTrainedModel:
-    """The causal LM for ``spec`` in eval-free train mode; ``init_from`` replaces its weights with an earlier run's.
+    """The causal LM for ``spec``; ``init_from`` replaces its weights with an earlier run's.
 
     ``init_from`` is a Lightning ``.ckpt`` of a dynlab module (its ``policy.*`` weights are used) or a directory
     written by ``save_pretrained`` (e.g. ``RUN_DIR/export``).
     """
     if init_from is not None and Path(init_from).is_dir():
-        return _from_pretrained(AutoModelForCausalLM, init_from, spec)
-    if spec.name_or_path == TINY:
+        model = _from_pretrained(AutoModelForCausalLM, init_from, spec)
+    elif spec.name_or_path == TINY:
         model = tiny_model(spec)
     else:
         model = _from_pretrained(AutoModelForCausalLM, _resolve_dir(spec), spec)
-    if init_from is not None:
+    if init_from is not None and not Path(init_from).is_dir():
         _load_checkpoint_weights(model, init_from)
+    _check_plain_logits(model)
     return model
+
+
+# dynlab projects hidden states through the output embedding itself (only on response positions); models that
+# transform their logits after that projection would be scored wrongly
+_LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "logits_scaling")
+
+
+def _check_plain_logits(model: PreTrainedModel) -> None:
+    config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    found = [name for name in _LOGIT_TRANSFORMS if getattr(config, name, None) not in (None, 1, 1.0)]
+    if found:
+        raise InputError(f"{config.model_type} transforms its logits ({', '.join(found)}), which dynlab's "
+                         "response-only vocabulary projection does not apply yet", field="model.policy.name_or_path")
 
 
 def tiny_model(spec: ModelSpec) -> PreTrainedModel:

@@ -267,9 +267,12 @@ class CausalLMModule(L.LightningModule):
         return self._run_dir
 
     def on_train_end(self) -> None:
+        # every rank takes part in gathering the weights (sharded under FSDP); rank 0 writes
+        state = self.trainer.strategy.lightning_module_state_dict()
         if not self.trainer.is_global_zero:
             return
-        export_pretrained(self.policy, self.tokenizer, self.run_dir / "export")
+        policy_state = {k.removeprefix("policy."): v for k, v in state.items() if k.startswith("policy.")}
+        export_pretrained(self.policy, self.tokenizer, self.run_dir / "export", state_dict=policy_state)
         if self._last_probe_step >= 0:
             figures = plot_runs([self.run_dir], self.run_dir / "figures")
             for logger in self.loggers:
@@ -278,11 +281,11 @@ class CausalLMModule(L.LightningModule):
                         logger.log_image(key=f"figures/{figure.stem}", images=[str(figure)])
 
 
-def export_pretrained(model: nn.Module, tokenizer: Any, out: Path) -> Path:
+def export_pretrained(model: nn.Module, tokenizer: Any, out: Path, state_dict: dict | None = None) -> Path:
     """``save_pretrained`` model and tokenizer into ``out``, atomically (a crash leaves no half-written export)."""
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=".export-"))
-    model.save_pretrained(tmp)
+    model.save_pretrained(tmp, state_dict=state_dict)
     tokenizer.save_pretrained(tmp)
     if out.exists():
         shutil.rmtree(out)

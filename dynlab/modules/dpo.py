@@ -61,15 +61,18 @@ class DPOModule(CausalLMModule):
     def _precompute_ref_logps(self) -> Tensor:
         datamodule = self.trainer.datamodule
         cache = torch.zeros(len(datamodule.train_examples), 2, device=self.device)
-        for batch in datamodule.ordered_train_dataloader():
-            batch = {k: v.to(self.device) for k, v in batch.items()}
-            cache[batch["index"]] = torch.stack(self.sequence_logps(batch, self.reference).chunk(2), dim=1)
+        # under the same precision context as training_step (on_fit_start runs outside it): at step 0 the cached
+        # and the live reference must give the policy's own numbers, or the DPO logit starts away from 0
+        with self.trainer.precision_plugin.forward_context():
+            for batch in datamodule.ordered_train_dataloader():
+                batch = {k: v.to(self.device) for k, v in batch.items()}
+                cache[batch["index"]] = torch.stack(self.sequence_logps(batch, self.reference).chunk(2), dim=1)
         return self.trainer.strategy.reduce(cache, reduce_op="sum")  # each pair was computed by one rank
 
     def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
         policy_chosen, policy_rejected = self.sequence_logps(batch).chunk(2)
         if self.ref_logps is not None:
-            ref_chosen, ref_rejected = self.ref_logps[batch["index"]].unbind(1)
+            ref_chosen, ref_rejected = self.ref_logps.to(self.device)[batch["index"]].unbind(1)
         else:
             with torch.no_grad():
                 ref_chosen, ref_rejected = self.sequence_logps(batch, self.reference).chunk(2)
@@ -98,4 +101,4 @@ class DPOModule(CausalLMModule):
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         super().on_load_checkpoint(checkpoint)
         if "dynlab_ref_logps" in checkpoint:
-            self.ref_logps = checkpoint["dynlab_ref_logps"]
+            self.ref_logps = checkpoint["dynlab_ref_logps"].to(self.device)

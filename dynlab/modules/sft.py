@@ -36,7 +36,9 @@ class SFTModule(CausalLMModule):
         logps, seq_index = self.response_token_logps(batch)
         loss = sft_loss(logps, seq_index, batch["input_ids"].shape[0], reduction=self.reduction)
         world = self.trainer.world_size
-        if self.reduction == "token_mean" and world > 1:
+        if self.reduction == "sum" and world > 1:
+            loss = loss * world  # DDP averages gradients over ranks; a sum over the global batch wants their sum
+        elif self.reduction == "token_mean" and world > 1:
             # DDP averages gradients over ranks; rescale so the result is the mean over ALL ranks' tokens, exactly
             # what one process on the whole batch computes (ranks hold different numbers of tokens)
             local = torch.tensor(float(logps.numel()), device=logps.device)
