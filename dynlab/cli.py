@@ -77,11 +77,19 @@ class DynlabCLI(LightningCLI):
             print(f"dynlab: run directory: {self.model.run_dir}  (metrics.csv, config.yaml, probes/, figures/, "
                   "checkpoints/, export/)")
             for logger in self.trainer.loggers:
-                if isinstance(logger, WandbLogger):
-                    if logger.experiment.settings.mode == "offline":
-                        print(f"dynlab: W&B offline run: {logger.experiment.dir.removesuffix('/files')}  "
-                              "(upload: wandb sync DIR)")
-                    logger.experiment.finish()  # flush everything (the figures come last) before the process ends
+                if isinstance(logger, WandbLogger) and logger.experiment.settings.mode == "offline":
+                    print(f"dynlab: W&B offline run: {logger.experiment.dir.removesuffix('/files')}  "
+                          "(upload: wandb sync DIR)")
+        self._finish_wandb()
+
+    def _finish_wandb(self) -> None:
+        # flush everything (the figures come last), and leave no run open for a next CLI call in the same process
+        # (W&B would attach that call to this run)
+        for logger in self.trainer.loggers:
+            if isinstance(logger, WandbLogger) and logger._experiment is not None:
+                logger.experiment.finish()
+
+    after_validate = after_test = _finish_wandb
 
 
 def plot_command(argv: Sequence[str]) -> None:

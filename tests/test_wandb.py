@@ -5,17 +5,16 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from dynlab.cli import main
 from dynlab.tracking.wandb_offline import read_offline_run
-from tests.conftest import CONFIGS
+from tests.conftest import CONFIGS, run_dynlab
 
 
-def test_offline_run_holds_probe_metrics_and_config(in_tmp, monkeypatch, capsys):
-    monkeypatch.setenv("WANDB_MODE", "offline")
-    monkeypatch.setenv("WANDB_SILENT", "true")
-    main(["fit", "--config", str(CONFIGS / "dpo.yaml"), "--config", str(CONFIGS / "tiny.yaml"),
-          "--model.init_args.beta=0.25"])
-    out = capsys.readouterr().out
+def test_offline_run_holds_probe_metrics_and_config(in_tmp):
+    # a fresh process, as a user runs it: W&B fixes its mode at the first init of a process
+    proc = run_dynlab("fit", "--config", str(CONFIGS / "dpo.yaml"), "--config", str(CONFIGS / "tiny.yaml"),
+                      "--model.init_args.beta=0.25", cwd=in_tmp, env={"WANDB_MODE": "", "WANDB_SILENT": "true"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = proc.stdout  # WANDB_MODE unset: dynlab defaults W&B to offline
     offline = [Path(p) for p in Path("runs/dpo/wandb").glob("offline-run-*")]
     assert len(offline) == 1 and "W&B offline run:" in out and "wandb sync" in out
     run = read_offline_run(offline[0])
