@@ -16,6 +16,7 @@ from lightning.fabric.utilities.apply_func import move_data_to_device
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import Tensor, nn
 
+from dynlab.errors import InputError
 from dynlab.losses.logps import segment_sum, token_logps
 from dynlab.metrics.functional import SEQUENCE_METRICS, sequence_stats, token_stats
 from dynlab.metrics.probe import PreferenceMetric, ProbeTypeMetric
@@ -92,6 +93,12 @@ class CausalLMModule(L.LightningModule):
 
     # ---- set-up ---------------------------------------------------------------------------------------------------
     def setup(self, stage: str) -> None:
+        if "FSDP" in type(self.trainer.strategy).__name__ and self.hparams.probe_every_n_steps:
+            # probe scoring calls the policy outside FSDP's root forward, with a different number of forwards per
+            # rank: every rank would wait on the others' all-gathers
+            raise InputError("probe evaluation under FSDP is not supported yet: set "
+                             "--model.init_args.probe_every_n_steps=0 (configs/strategies/fsdp.yaml does)",
+                             field="trainer.strategy")
         self._run_dir = Path(self.trainer.log_dir or self.trainer.default_root_dir)
         self.init_probe_state(self.trainer.datamodule)
 
