@@ -231,6 +231,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     warnings.filterwarnings("ignore", message="LightningCLI's args parameter is intended")
     # Lightning's hint for machines that have srun installed but run dynlab outside Slurm: noise here
     warnings.filterwarnings("ignore", message="The `srun` command is available on your system")
+    # during fit the probe loaders are run by the module itself, so Lightning's validation loader list is empty
+    warnings.filterwarnings("ignore", message="Total length of `list` across ranks is zero")
     try:
         DynlabCLI(args=None if argv is None else list(argv))
     except Exception as exc:
