@@ -16,7 +16,14 @@ from dynlab.data.formats import load_rows
 from dynlab.data.probes import build_probe_rows
 from dynlab.data.rephrase import add_rephrases
 from dynlab.data.synthetic import make_synthetic
-from dynlab.data.tokenize import DPOCollator, ResponseTruncation, SFTCollator, collate_probes, encode_row
+from dynlab.data.tokenize import (
+    DPOCollator,
+    ResponseTruncation,
+    SFTCollator,
+    collate_probes,
+    encode_row,
+    keep_prompt_end,
+)
 from dynlab.errors import InputError
 
 log = logging.getLogger(__name__)
@@ -173,7 +180,8 @@ class ProbeDataModule(L.LightningDataModule):
         if generate is None:
             raise InputError("sample_chosen_initial needs the policy to sample from (run through dynlab fit)",
                              field="data.sample_chosen_initial")
-        prompts = [tokenizer(r["prompt"])["input_ids"][-self.hp.max_prompt_length:] for r in rows]
+        prompts = [keep_prompt_end(tokenizer, tokenizer(r["prompt"])["input_ids"], self.hp.max_prompt_length)
+                   for r in rows]
         samples = generate(prompts, max_new_tokens=self.hp.chosen_initial_max_tokens, seed=self.hp.seed)
         return [{**r, "chosen_initial": r.get("chosen_initial", s)} for r, s in zip(rows, samples)]
 

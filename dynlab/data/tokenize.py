@@ -41,12 +41,8 @@ def encode_row(
     encoded = {name: tokenizer(text, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
                for name, text in responses.items()}
     longest = max(len(ids) for ids in encoded.values())
-    if len(prompt_ids) + longest > max_length and len(prompt_ids) > max_prompt_length:
-        bos = tokenizer.bos_token_id
-        if bos is not None and prompt_ids[0] == bos:  # keep the BOS the tokenizer put first, then the end
-            prompt_ids = [bos, *prompt_ids[len(prompt_ids) - max_prompt_length + 1:]]
-        else:
-            prompt_ids = prompt_ids[-max_prompt_length:]  # keep the end of a long prompt
+    if len(prompt_ids) + longest > max_length:
+        prompt_ids = keep_prompt_end(tokenizer, prompt_ids, max_prompt_length)
     room = max_length - len(prompt_ids)
     for name, ids in encoded.items():
         if len(ids) > room:
@@ -57,6 +53,17 @@ def encode_row(
                     f"data.response_truncation=keep_start", file=file, row=row, field=name)
             encoded[name] = ids[:room]
     return prompt_ids, encoded
+
+
+def keep_prompt_end(tokenizer: PreTrainedTokenizerBase, prompt_ids: list[int], max_prompt_length: int) -> list[int]:
+    """The last ``max_prompt_length`` prompt tokens (the end of a dialogue is what a response answers), keeping a
+    BOS the tokenizer put first."""
+    if len(prompt_ids) <= max_prompt_length:
+        return prompt_ids
+    bos = tokenizer.bos_token_id
+    if bos is not None and prompt_ids[0] == bos:
+        return [bos, *prompt_ids[len(prompt_ids) - max_prompt_length + 1:]]
+    return prompt_ids[-max_prompt_length:]
 
 
 def collate_sequences(prompts: Sequence[Sequence[int]], responses: Sequence[Sequence[int]],
