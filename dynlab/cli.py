@@ -9,6 +9,7 @@
 from __future__ import annotations
 
 import argparse
+import importlib
 import os
 import sys
 import warnings
@@ -203,7 +204,17 @@ def slurm_command(argv: Sequence[str]) -> None:
         print(f"dynlab: submitted job {submit(out)}")
 
 
-SUBCOMMANDS = {"plot": plot_command, "probe": probe_command, "sweep": sweep_command, "slurm": slurm_command}
+def _lazy(module: str, name: str):
+    """A subcommand whose implementation lives outside this file, imported only when it runs."""
+    def command(argv: Sequence[str]) -> None:
+        return getattr(importlib.import_module(module), name)(argv)
+    return command
+
+
+SUBCOMMANDS = {"plot": plot_command, "probe": probe_command, "sweep": sweep_command, "slurm": slurm_command,
+               "toy": _lazy("dynlab.dynamics.toy_cli", "toy_command"),
+               "generate": _lazy("dynlab.evaluation.cli", "generate_command"),
+               "judge": _lazy("dynlab.evaluation.cli", "judge_command")}
 
 
 def newest_checkpoint(trainer: Trainer) -> str | None:

@@ -1,0 +1,1 @@
+"""Evaluating finetuned models: generation, repetition statistics and pairwise judging."""
