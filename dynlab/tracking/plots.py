@@ -6,6 +6,7 @@ and an overlay of several runs (e.g. baseline SFT→DPO against ExtendSFT→DPO)
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -16,7 +17,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import pandas as pd  # noqa: E402
 
-from dynlab.tracking.trajectory import read_trajectory  # noqa: E402
+from dynlab.tracking.trajectory import DYNAMICS_DIR, read_trajectory  # noqa: E402
 
 # colour families: what is trained on / its rephrases (blue), rejected family (red), other prompts' responses (green),
 # non-human text (grey), the model's own sample (purple)
@@ -143,9 +144,59 @@ def plot_runs(run_dirs: Sequence[str | os.PathLike], out_dir: str | os.PathLike)
         prefix = "" if len(frames) == 1 else label.replace("/", "_") + "_"
         written.append(plot_probe_dlogp(frame, out / f"{prefix}probe_dlogp.png", label))
         written.append(plot_squeezing(frame, out / f"{prefix}squeezing.png", label))
+        if "dyn_observed" in frame.columns:
+            written.append(plot_dynamics(frame, out / f"{prefix}dynamics_predicted_vs_observed.png", label))
+        run = run_dirs[list(frames).index(label)]
+        similarity = sorted((Path(run) / DYNAMICS_DIR).glob("similarity_step_*.json"))
+        if similarity:
+            written.append(plot_similarity(similarity, out / f"{prefix}gradient_similarity.png", label))
     if len(frames) > 1:
         written.append(plot_overlay(frames, out / "overlay.png"))
     return written
+
+
+def plot_dynamics(frame: pd.DataFrame, out: Path, title: str) -> Path:
+    """DynamicsCallback's first-order prediction ⟨∇θ log π, Δθ⟩ against the observed Δ log π over the next step, one
+    point per (step, probe example, type), coloured by type; the diagonal is a perfect prediction."""
+    data = frame.dropna(subset=["dyn_observed", "dyn_predicted"])
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.8))
+    for ax, column, name in ((axes[0], "dyn_predicted", "⟨∇θ log π, Δθ⟩ (actual update)"),
+                             (axes[1], "dyn_predicted_sgd", "−η⟨∇θ log π, ∇θ L⟩ (SGD form)")):
+        if column not in data.columns:
+            ax.set_visible(False)
+            continue
+        for ptype, group in data.groupby("type", sort=False):
+            color, _ = STYLE.get(ptype, ("tab:brown", "-"))
+            marker = "x" if ptype.startswith(("reject", "random")) else "o"
+            ax.scatter(group["dyn_observed"], group[column], s=14, color=color, marker=marker, label=ptype, alpha=0.7)
+        low = min(data["dyn_observed"].min(), data[column].min())
+        high = max(data["dyn_observed"].max(), data[column].max())
+        ax.plot([low, high], [low, high], color="black", lw=0.8, ls="--")
+        corr = data[["dyn_observed", column]].corr().iloc[0, 1]
+        ax.set_title(f"predicted: {name}\nPearson r = {corr:.3f}", fontsize=9)
+        ax.set_xlabel("observed Δ log π(y|x) over one step (nats)")
+        ax.set_ylabel("predicted Δ log π (nats)")
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=7, ncol=2)
+    fig.suptitle(f"{title}: first-order influence of one update (steps {sorted(data['step'].unique().tolist())})")
+    return _save(fig, out)
+
+
+def plot_similarity(files: Sequence[Path], out: Path, title: str) -> Path:
+    """Mean cosine similarity of ∇θ log π(y|x) between probe types of the same prompt (DynamicsCallback), at the
+    first and last step recorded: which responses a step moves together."""
+    records = [json.loads(Path(f).read_text()) for f in (files[0], files[-1])] if len(files) > 1 else \
+        [json.loads(Path(files[0]).read_text())]
+    fig, axes = plt.subplots(1, len(records), figsize=(6.2 * len(records), 5.4), squeeze=False)
+    for ax, record in zip(axes[0], records):
+        types = record["types"]
+        image = ax.imshow(record["matrix"], cmap="RdBu_r", vmin=-1, vmax=1)
+        ax.set_xticks(range(len(types)), types, rotation=60, ha="right", fontsize=7)
+        ax.set_yticks(range(len(types)), types, fontsize=7)
+        ax.set_title(f"step {record['step']} (probe_{record['split']}, {len(record['rows'])} prompts)", fontsize=9)
+        fig.colorbar(image, ax=ax, shrink=0.8, label="cos(∇θ log π(y_a|x), ∇θ log π(y_b|x))")
+    fig.suptitle(f"{title}: gradient similarity between responses of the same prompt")
+    return _save(fig, out)
 
 
 def _save(fig, out: Path) -> Path:

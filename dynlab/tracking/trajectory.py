@@ -19,6 +19,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 TRAJECTORY_DIR = Path("probes") / "trajectory"
+DYNAMICS_DIR = Path("probes") / "dynamics"  # DynamicsCallback's gradient-similarity matrices
 KEY_COLUMNS = ("step", "split", "type", "row")
 
 
@@ -34,9 +35,28 @@ def records_from_results(split: str, results: Mapping[str, Mapping[str, Sequence
 
 def write_step(run_dir: str | os.PathLike, step: int, records: Iterable[dict]) -> Path:
     """Write (or replace) the trajectory file of ``step``; the rename makes it appear whole or not at all."""
+    return _write_frame(run_dir, step, pd.DataFrame([{"step": step, **r} for r in records]))
+
+
+def add_step_columns(run_dir: str | os.PathLike, step: int, records: Iterable[dict]) -> Path:
+    """Add (or replace) columns of ``step``'s trajectory file for the (split, type, row) keys in ``records``: rows
+    not in ``records`` get NaN there, keys not yet in the file are added. Used for values known only later
+    (``DynamicsCallback``'s observed change over the following step)."""
+    path = Path(run_dir) / TRAJECTORY_DIR / f"step_{step:08d}.parquet"
+    extra = pd.DataFrame([{"step": step, **r} for r in records])
+    if not path.exists():
+        return _write_frame(run_dir, step, extra)
+    frame = pd.read_parquet(path)
+    if frame.empty:
+        return _write_frame(run_dir, step, extra)
+    new_columns = [c for c in extra.columns if c not in KEY_COLUMNS]
+    frame = frame.drop(columns=[c for c in new_columns if c in frame.columns])
+    return _write_frame(run_dir, step, frame.merge(extra, on=list(KEY_COLUMNS), how="outer"))
+
+
+def _write_frame(run_dir: str | os.PathLike, step: int, frame: pd.DataFrame) -> Path:
     out_dir = Path(run_dir) / TRAJECTORY_DIR
     out_dir.mkdir(parents=True, exist_ok=True)
-    frame = pd.DataFrame([{"step": step, **r} for r in records])
     if not frame.empty:
         frame = frame.sort_values(list(KEY_COLUMNS[1:]), kind="stable").reset_index(drop=True)
     path = out_dir / f"step_{step:08d}.parquet"
