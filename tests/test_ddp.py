@@ -47,3 +47,16 @@ def test_two_ranks_match_one_process(stage, tmp_path):
     pd.testing.assert_frame_equal(t1_[cols], t2_[cols], rtol=1e-4, atol=1e-3)
     assert (two / "export" / "model.safetensors").is_file()
     assert not (tmp_path / "two" / "runs" / stage / "version_1").exists()  # one run directory, not one per rank
+
+
+def test_dynamics_callback_under_ddp_matches_one_process(tmp_path):
+    """DynamicsCallback works on rank 0 while the other rank trains on; its predictions equal one process's."""
+    callback = ("--trainer.callbacks+=dynlab.dynamics.DynamicsCallback", "--trainer.callbacks.num_examples=2")
+    one, _ = fit(tmp_path / "one", "dpo", "--trainer.devices=1", "--data.init_args.batch_size=4", *callback)
+    two, _ = fit(tmp_path / "two", "dpo", "--trainer.devices=2", "--trainer.strategy=ddp",
+                 "--data.init_args.batch_size=2", *callback)
+    columns = [*KEY_COLUMNS, "dyn_observed", "dyn_predicted", "dyn_predicted_sgd"]
+    d1, d2 = (read_trajectory(run).dropna(subset=["dyn_observed"])[columns].reset_index(drop=True)
+              for run in (one, two))
+    assert len(d1) == 2 * 2 * 11  # steps 0 and 3 of 6, 2 rows x 11 types
+    pd.testing.assert_frame_equal(d1, d2, rtol=1e-3, atol=1e-4)
