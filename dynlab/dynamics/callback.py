@@ -36,7 +36,8 @@ class DynamicsCallback(Callback):
     - ``rel_error``: the median of |predicted − observed| / |observed|;
 
     as ``dynamics/{split}/{quantity}/{type}``, plus ``dynamics/{split}/corr`` (Pearson, all examples),
-    ``dynamics/{split}/median_rel_error`` and ``dynamics/seconds`` (the callback's cost). Per-example values are added
+    ``dynamics/{split}/median_rel_error``, ``dynamics/seconds`` (the callback's cost) and
+    ``dynamics/seconds_similarity`` (the part of it spent on the similarity matrix). Per-example values are added
     to the step's trajectory file as ``dyn_observed``, ``dyn_predicted`` and ``dyn_predicted_sgd``.
 
     With ``similarity``, it also writes the cosine similarity of ∇θ log π(y | x) between all probe types of each of
@@ -127,10 +128,12 @@ class DynamicsCallback(Callback):
         model.eval()
         with torch.no_grad():
             before = torch.cat([sequence_logps(model, b) for b in batches])
+        similarity_start = time.perf_counter()
         similarity = self._similarity(model, trainer) if self.similarity else None
+        similarity_seconds = time.perf_counter() - similarity_start
         model.train(was_training)
         self._pending = {"step": trainer.global_step, "observations": observations, "batches": batches,
-                         "before": before, "similarity": similarity, "seconds": 0.0,
+                         "before": before, "similarity": similarity, "similarity_seconds": similarity_seconds,
                          "params": {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}}
         self._pending["seconds"] = time.perf_counter() - start
 
@@ -178,6 +181,7 @@ class DynamicsCallback(Callback):
         observed, predicted = values["observed"], values["predicted"]
         rel = (predicted - observed).abs() / observed.abs()
         metrics: dict[str, float] = {"dynamics/seconds": seconds,
+                                     "dynamics/seconds_similarity": pending["similarity_seconds"],
                                      f"dynamics/{split}/median_rel_error": rel.median().item()}
         if observed.numel() > 1:
             metrics[f"dynamics/{split}/corr"] = torch.corrcoef(torch.stack([predicted, observed]))[0, 1].item()
