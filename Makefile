@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.dynlab-installed
 PIP := $(BIN)/python -m pip install -q -c constraints.txt
 
-.PHONY: install demo test test-fast test-slow lint clean
+.PHONY: install demo test test-fast test-slow lint clean compare-extend
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -37,6 +37,11 @@ test-slow: install
 
 lint: install
 	$(BIN)/ruff check dynlab tests benchmarks
+
+# SFT->DPO against ExtendSFT->DPO on the embedded default: runs, overlay plot, generations, repetition table, a local
+# judge's win rate, in runs/compare-extend/report.md (about 20 minutes on 2 idle CPU cores; THREADS=1 on busy ones)
+compare-extend: install
+	DYNLAB=$(BIN)/dynlab PYTHON=$(BIN)/python scripts/compare_extend.sh
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache
