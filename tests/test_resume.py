@@ -53,3 +53,28 @@ def test_resume_in_place_with_ckpt_path_last_keeps_the_metrics_history(in_tmp, m
     assert probe_steps == [0, 3, 6]  # nothing from before the resume was lost, nothing doubled
     assert sorted(loss_steps) == [0, 1, 2, 3, 4, 5]
     assert sorted(read_trajectory(run)["step"].unique()) == [0, 3, 6]
+
+
+def test_a_job_killed_between_checkpoint_and_logging_loses_no_row(in_tmp, monkeypatch):
+    # ModelCheckpoint writes from on_train_batch_end, before Lightning logs that step: a requeue landing in between
+    # leaves a checkpoint one row ahead of metrics.csv. The checkpoint carries the row and the resumed run writes it.
+    monkeypatch.setenv("DYNLAB_RUN_VERSION", "slurm-8")
+    args = ["fit", "--config", str(CONFIGS / "dpo.yaml"), "--config", str(CONFIGS / "tiny.yaml"), CHECKPOINT_EVERY_3,
+            "--ckpt_path=last"]
+    main([*args, "--trainer.max_steps=3"])
+    path = Path("runs/dpo/slurm-8/metrics.csv")
+    with open(path) as f:
+        rows = list(csv.DictReader(f))
+    fields = list(rows[0])
+    lost = next(r for r in rows if r["step"] == "2" and r.get("train/loss"))
+    with open(path, "w", newline="") as f:  # the kill: step 2 trained and checkpointed, never logged
+        writer = csv.DictWriter(f, fieldnames=fields)
+        writer.writeheader()
+        writer.writerows(r for r in rows if r is not lost)
+    main([*args, "--trainer.max_steps=6"])
+    with open(path) as f:
+        rows = list(csv.DictReader(f))
+    losses = {int(r["step"]): float(r["train/loss"]) for r in rows if r.get("train/loss")}
+    assert sorted(int(r["step"]) for r in rows if r.get("train/loss")) == [0, 1, 2, 3, 4, 5]
+    assert losses[2] == float(lost["train/loss"])
+    assert [int(r["step"]) for r in rows if r.get("probe/train/logp/chosen")] == [0, 3, 6]

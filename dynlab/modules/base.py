@@ -20,7 +20,7 @@ from dynlab.errors import InputError
 from dynlab.losses.logps import segment_sum, token_logps
 from dynlab.metrics.functional import SEQUENCE_METRICS, sequence_stats, token_stats
 from dynlab.metrics.probe import PreferenceMetric, ProbeTypeMetric
-from dynlab.models.forward import lm_head, response_hidden, shared_prompt_hidden
+from dynlab.models.forward import lm_head, response_hidden, shared_prompt_hidden_rows
 from dynlab.models.generate import generate_responses
 from dynlab.models.load import ModelSpec, load_model, load_tokenizer
 from dynlab.tracking.plots import plot_runs
@@ -90,6 +90,7 @@ class CausalLMModule(L.LightningModule):
         self.probe_types: dict[str, list[str]] = {}
         self._baseline: dict[str, Tensor] = {}  # split -> (rows, types) logp at step 0, NaN where unknown
         self._last_probe_step = -1
+        self._unlogged_row: dict | None = None  # carried by the checkpoint this run resumed from
 
     # ---- set-up ---------------------------------------------------------------------------------------------------
     def setup(self, stage: str) -> None:
@@ -145,16 +146,20 @@ class CausalLMModule(L.LightningModule):
         Returns per type the per-example values ``{metric: (rows,)}``, with ``row`` (probe row index).
         """
         per_type: dict[str, dict[str, list[Tensor]]] = defaultdict(lambda: defaultdict(list))
-        for row, prompt_ids, responses in zip(batch["index"].tolist(), batch["prompt_ids"], batch["responses"]):
-            for names, hidden, targets, seq_index in shared_prompt_hidden(self.policy, prompt_ids, responses):
-                seq = sequence_stats(self._chunked_token_stats(hidden, targets), seq_index, len(names))
-                for j, name in enumerate(names):
-                    for m in SEQUENCE_METRICS:
-                        per_type[name][m].append(seq[m][j : j + 1])
-                    per_type[name]["row"].append(torch.tensor([row]))
+        index = batch["index"].tolist()
+        # the batch's rows together: each prompt once, every row's responses grouped by length across rows (with
+        # a whole batch to choose from, groups stay large at 10% padding)
+        for members, hidden, targets, seq_index in shared_prompt_hidden_rows(self.policy, batch["prompt_ids"],
+                                                                             batch["responses"], max_padding=0.1):
+            seq = sequence_stats(self._chunked_token_stats(hidden, targets), seq_index, len(members))
+            for j, (k, name) in enumerate(members):
+                for m in SEQUENCE_METRICS:
+                    per_type[name][m].append(seq[m][j : j + 1])
+                per_type[name]["row"].append(torch.tensor([index[k]]))
         results = {}
         for name, lists in per_type.items():
-            values = {m: torch.cat(v) for m, v in lists.items()}
+            order = torch.cat(lists["row"]).argsort()  # row order, so types line up row by row (chosen/rejected)
+            values = {m: torch.cat(v)[order.to(v[0].device)] for m, v in lists.items()}
             rows, column = values["row"], self.probe_types[split].index(name)
             baseline = self._baseline[split]
             if self._recording_baseline:
@@ -262,10 +267,38 @@ class CausalLMModule(L.LightningModule):
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         checkpoint["dynlab_probe_baseline"] = {split: b.clone() for split, b in self._baseline.items()}
         checkpoint["dynlab_last_probe_step"] = self._last_probe_step
+        checkpoint["dynlab_unlogged_row"] = self._step_row_not_yet_logged()
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         self._baseline.update(checkpoint.get("dynlab_probe_baseline", {}))
         self._last_probe_step = checkpoint.get("dynlab_last_probe_step", -1)
+        self._unlogged_row = checkpoint.get("dynlab_unlogged_row")
+
+    def on_train_start(self) -> None:
+        # a job killed between writing this checkpoint and logging the step it followed has no row for that step
+        if self._unlogged_row is not None:
+            for logger in self.loggers:
+                if hasattr(logger, "log_replayed_row"):
+                    logger.log_replayed_row(self._unlogged_row["metrics"], step=self._unlogged_row["step"])
+            self._unlogged_row = None
+
+    def _step_row_not_yet_logged(self) -> dict | None:
+        """The logger row of the step just trained, when a checkpoint is written from ``on_train_batch_end``.
+
+        Lightning logs a step's metrics only after every ``on_train_batch_end`` hook ran, so a ModelCheckpoint saving
+        there is one row ahead of the loggers: the checkpoint carries that row for a resumed run to log.
+        """
+        trainer = self.trainer
+        loop = trainer.fit_loop.epoch_loop
+        progress = loop.batch_progress.current
+        connector = trainer._logger_connector
+        if (not trainer.training or progress.processed <= progress.completed or trainer.fit_loop._should_accumulate()
+                or not (connector.should_update_logs or trainer.fast_dev_run)):
+            return None
+        metrics = {k: float(v) for k, v in connector.metrics["log"].items() if v.numel() == 1}
+        if not metrics:
+            return None
+        return {"step": loop._batches_that_stepped, "metrics": {**metrics, "epoch": trainer.current_epoch}}
 
     @property
     def run_dir(self) -> Path:
