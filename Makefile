@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.dynlab-installed
 PIP := $(BIN)/python -m pip install -q -c constraints.txt
 
-.PHONY: install demo test test-fast test-slow lint clean compare-extend
+.PHONY: install demo test test-fast test-slow lint clean compare-extend bench
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -42,6 +42,12 @@ lint: install
 # judge's win rate, in runs/compare-extend/report.md (about 20 minutes on 2 idle CPU cores; THREADS=1 on busy ones)
 compare-extend: install
 	DYNLAB=$(BIN)/dynlab PYTHON=$(BIN)/python scripts/compare_extend.sh
+
+# dynlab against TRL, a bare PyTorch loop and the paper's probe evaluation: benchmarks/results/*.json and RESULTS.md
+# (about 40 minutes on this shared 2-core CPU; BENCH_ARGS=--quick: 4 minutes; on a GPU: "--device cuda --dtype bf16")
+bench: install
+	$(PIP) -e ".[bench]"
+	$(BIN)/python -m benchmarks.run_all $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

@@ -1,0 +1,170 @@
+"""Render ``benchmarks/results/*.json`` as one markdown table per benchmark: ``benchmarks/results/RESULTS.md``.
+
+    python -m benchmarks.report [--results benchmarks/results]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from benchmarks.common import RESULTS
+
+
+def mmm(s: dict, fmt: str = "{:.3g}", scale: float = 1.0) -> str:
+    """median (min–max)"""
+    return f"{fmt.format(s['median'] * scale)} ({fmt.format(s['min'] * scale)}–{fmt.format(s['max'] * scale)})"
+
+
+def ok(d: dict) -> str:
+    return f"{'**pass**' if d['pass'] else '**FAIL**'} ({d['target']})"
+
+
+def machine_line(m: dict) -> str:
+    line = (f"device `{m['device']}`, CPU `{m['cpu_model']}` ({m['cpu_count']} cores), torch threads "
+            f"{m['torch_threads']}, {m['dtype']}, load average {m['load_average_at_start'][0]:.1f} at start / "
+            f"{m['load_average_at_end'][0]:.1f} at end" + (" — **quick mode**" if m.get("quick") else ""))
+    if m.get("gpu_note"):
+        line += f"; {m['gpu_note']}"
+    return line
+
+
+def throughput(r: dict) -> list[str]:
+    out = ["## 1. Training throughput (tokens/s; dynlab vs TRL vs a bare PyTorch loop)", "",
+           machine_line(r["machine"]), "",
+           f"Batches: {r['settings']['pairs']} DPO pairs (SFT: {2 * r['settings']['pairs']} sequences) of at most "
+           f"{r['settings']['max_length']} tokens; {r['settings']['rounds']} rounds x {r['settings']['steps']} "
+           f"timed steps per system after {r['settings']['warmup']} warm-up step(s) each round. Tokens/s: "
+           f"{r['settings']['tokens_per_second']}. Targets: dynlab/TRL >= 1.5; dynlab/bare >= 0.87, i.e. dynlab's "
+           f"step at most 1.15x the bare loop's.", "",
+           "| run | params | system | step s | tokens/s | dynlab / peer | target |",
+           "|---|---|---|---|---|---|---|"]
+    for key, run in r["runs"].items():
+        for s, sysr in run["systems"].items():
+            ratio = target = ""
+            if s != "dynlab":
+                q = run[f"dynlab_over_{s}"]
+                ratio, target = mmm(q, "{:.2f}"), ok(q)
+            out.append(f"| {key} | {run['parameters'] / 1e6:.1f}M | {s} | {mmm(sysr['step_seconds'])} | "
+                       f"{mmm(sysr['tokens_per_second'], '{:.0f}')} | {ratio} | {target} |")
+    out += ["", "First step's loss (the same weights and batch in every system): " + "; ".join(
+        f"{key} " + ", ".join(f"{s} {v:.6g}" for s, v in run["first_step_loss"].items())
+        for key, run in r["runs"].items()) + "."]
+    peak = r["matmul_peak_flops"]
+    out += ["", "## 4. Hardware ceiling", "",
+            "Peak of a large matmul, same run: " + ", ".join(f"{k} {mmm(v, '{:.1f}', 1e-9)} GFLOP/s"
+                                                              for k, v in peak.items()) + ". "
+            + r["hardware_ceiling"]["definition"] + ".", "",
+            "| run | dynlab | TRL | bare |", "|---|---|---|---|"]
+    for key, fr in r["hardware_ceiling"]["fraction_of_peak"].items():
+        out.append(f"| {key} | {fr['dynlab']:.1%} | {fr['trl']:.1%} | {fr['bare']:.1%} |")
+    return out
+
+
+def overhead(r: dict) -> list[str]:
+    s = r["settings"]
+    out = ["## 2. Probe overhead (embedded default, the paper's cadence)", "", machine_line(r["machine"]), "",
+           f"{s['config']}: {s['steps']} steps ({s['examples']} examples), probe evaluation {s['cadence']} = every "
+           f"{s['probe_every_n_steps']} steps, {s['evaluations_per_run']} evaluations of {s['probe_rows']} prompts / "
+           f"{s['responses_per_evaluation']} responses. Excluded from both runs: {s['excluded']}.", "",
+           "| figure | value | target |", "|---|---|---|",
+           f"| training wall, probes off (s) | {mmm(r['wall_off_seconds'])} | |",
+           f"| training wall, probes on (s) | {mmm(r['wall_on_seconds'])} | |",
+           f"| one probe evaluation (s) | {mmm(r['evaluation_seconds'])} | |",
+           f"| one training step (s), off / on | {mmm(r['step_seconds_off'])} / {mmm(r['step_seconds_on'])} | |",
+           f"| overhead at the paper's cadence, in-run ({r['overhead_long_run']['definition']}) | "
+           f"{mmm(r['overhead_long_run'], '{:.1%}')} | {ok(r['overhead_long_run'])} |",
+           f"| overhead at the paper's cadence, on vs off ({r['overhead_on_off']['definition']}) | "
+           f"{mmm(r['overhead_on_off'], '{:.1%}')} | {ok(r['overhead_on_off'])} |",
+           f"| wall on / off - 1 for this {s['steps']}-step run | {mmm(r['wall_ratio'], '{:.1%}')} | |"]
+    return out
+
+
+def versus_paper(r: dict) -> list[str]:
+    s, a, m = r["settings"], r["agreement"], r["memory"]
+    out = ["## 3. Probe evaluation: dynlab against the paper's method", "", machine_line(r["machine"]), "",
+           f"{s['rows']} rows x {len(s['types'])} types of the HH probe file ({s['tokens']['prompt']} prompt and "
+           f"{s['tokens']['response']} response tokens), {s['model']}, cut at {s['max_length']}/"
+           f"{s['max_prompt_length']}; {s['repeats']} alternated repeats.", "",
+           "| figure | value | target |", "|---|---|---|",
+           f"| paper's method (s) | {mmm(r['paper_seconds'])} | |",
+           f"| dynlab (s) | {mmm(r['dynlab_seconds'])} | |",
+           f"| speed-up | {mmm(r['speedup'], '{:.2f}')} | {ok(r['speedup'])} |",
+           f"| peak memory, dynlab / plain forward of the same row | {mmm(m['dynlab_over_plain'], '{:.2f}')} | "
+           f"{ok(m)} |",
+           f"| largest relative difference, any metric | {a['overall']:.2g} | {ok(a)} |", "",
+           "Largest relative difference per metric: "
+           + ", ".join(f"{k} {v:.1g}" for k, v in a["max_relative_difference"].items()) + ".", "",
+           "Peak memory per row (MiB): "
+           + "; ".join(f"row {p['row']}: plain {p['plain_forward_mb']:.0f}, dynlab {p['dynlab_mb']:.0f}, "
+                       f"paper {p['paper_mb']:.0f}" for p in m["per_row"]) + "."]
+    return out
+
+
+def scaling(r: dict) -> list[str]:
+    p, t = r["probe"], r["train"]
+    out = ["## 5. Scaling", "", machine_line(r["machine"]), "",
+           "| what | x (tokens) | seconds | exponent vs x (vs tokens) |", "|---|---|---|---|"]
+    for axis, what in (("prompts", f"probe evaluation vs prompts ({p['prompts']['types']} types)"),
+                       ("types", f"probe evaluation vs types ({p['types']['prompts']} prompts)")):
+        a = p[axis]
+        out.append(f"| {what} | " + ", ".join(f"{x} ({n})" for x, n in zip(a["x"], a["tokens"])) + " | "
+                   + ", ".join(mmm(s) for s in a["seconds"])
+                   + f" | {a['exponent']:.2f} ({a['exponent_vs_tokens']:.2f}) |")
+    out.append(f"| DPO step vs sequence length ({t['model']}, {t['sequences']} sequences) | "
+               + ", ".join(str(n) for n in t["lengths"]) + " | " + ", ".join(mmm(s) for s in t["step_seconds"])
+               + f" | {t['exponent']:.2f} |")
+    return out
+
+
+def before_after(r: dict) -> list[str]:
+    out = ["## Before / after the fixes (one process, the two code paths alternated)", "", machine_line(r["machine"]),
+           "", f"Model {r['settings']['model']}; `python -m benchmarks.before_after`.", "",
+           "| what | before (s) | after (s) | speed-up |", "|---|---|---|---|"]
+    for key, what in (("dpo_step", "DPO step: concatenated (2B, T) forward -> shared prompt + length groups"),
+                      ("sft_step", "SFT step: one padded forward -> length groups"),
+                      ("probe_evaluation", "probe evaluation, embedded default: row by row -> rows batched")):
+        if key in r:
+            q = r[key]
+            out.append(f"| {what} | {mmm(q['before_seconds'])} | {mmm(q['after_seconds'])} | "
+                       f"{mmm(q['speedup'], '{:.2f}')} |")
+    return out
+
+
+RENDERERS = {"train_throughput": throughput, "probe_overhead": overhead, "probe_vs_paper": versus_paper,
+             "scaling": scaling, "before_after": before_after}
+
+
+def render(results: Path) -> str:
+    lines = ["# dynlab benchmarks", "", "Written by `make bench` (`python -m benchmarks.run_all`); every figure is "
+             "median (min–max). Times are wall seconds on a shared machine, so read the ratios, measured in one "
+             "process with the systems alternated.", ""]
+    found: dict[str, Any] = {}
+    for name in RENDERERS:
+        path = results / f"{name}.json"
+        if path.is_file():
+            found[name] = json.loads(path.read_text())
+    for name in ("train_throughput", "probe_overhead", "probe_vs_paper", "scaling", "before_after"):
+        if name in found:
+            lines += RENDERERS[name](found[name]) + [""]
+    notes = results / "NOTES.md"  # the hand-written reading of the figures
+    if notes.is_file():
+        lines += [notes.read_text()]
+    return "\n".join(lines)
+
+
+def main(argv: Sequence[str] | None = None) -> Path:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--results", type=Path, default=RESULTS)
+    args = parser.parse_args(argv)
+    out = args.results / "RESULTS.md"
+    out.write_text(render(args.results))
+    print(f"wrote {out}")
+    return out
+
+
+if __name__ == "__main__":
+    main()
