@@ -208,10 +208,9 @@ def mean_softmax_by_class(model: nn.Module, x: torch.Tensor, y: torch.Tensor) ->
 def _plots(out: Path, *, data: DigitsData, example: int, y_u: int, lrs: tuple[float, ...], errors: list[float],
            slope: float, pairs: list[tuple[float, torch.Tensor, torch.Tensor]], heat: torch.Tensor,
            mean_probs: torch.Tensor, per_class: int) -> list[Path]:
-    import matplotlib
-
-    matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+
+    from dynlab.tracking.plots import save_figure  # selects the Agg backend
 
     written = []
     # (1) measured against predicted, one panel per learning rate, and the updated example
@@ -231,10 +230,7 @@ def _plots(out: Path, *, data: DigitsData, example: int, y_u: int, lrs: tuple[fl
     axes[-1].imshow(data.x_train[example].view(8, 8).numpy(), cmap="gray_r")
     axes[-1].set(title=f"updated example u\n(train #{example}, label {y_u})", xticks=[], yticks=[])
     fig.suptitle(f"One SGD step on train #{example}: Δlog π(·|x_o) on all {len(data.y_test)} test digits")
-    fig.tight_layout()
-    written.append(out / "digits_scatter.png")
-    fig.savefig(written[-1], dpi=110)
-    plt.close(fig)
+    written.append(save_figure(fig, out / "digits_scatter.png"))
 
     # (2) relative error against η on log-log axes, with the fitted line
     fig, ax = plt.subplots(figsize=(5.6, 4.4))
@@ -245,10 +241,7 @@ def _plots(out: Path, *, data: DigitsData, example: int, y_u: int, lrs: tuple[fl
            title="First-order decomposition: error vanishes linearly in η")
     ax.legend(fontsize=9)
     ax.grid(alpha=0.3, which="both")
-    fig.tight_layout()
-    written.append(out / "digits_error_vs_lr.png")
-    fig.savefig(written[-1], dpi=110)
-    plt.close(fig)
+    written.append(save_figure(fig, out / "digits_error_vs_lr.png"))
 
     # (3) class-by-class influence. Rows differ by orders of magnitude (well-fit training examples have a tiny G), so
     # each row is scaled by its largest |entry|, written beside the row label; the JSON keeps the raw values
@@ -265,10 +258,7 @@ def _plots(out: Path, *, data: DigitsData, example: int, y_u: int, lrs: tuple[fl
     ax.set_yticklabels([f"{c} (×{scale[c, 0]:.2g})" for c in range(NUM_CLASSES)])
     ax.title.set_fontsize(9)
     fig.colorbar(im, ax=ax, label="Δlog π(true label) / η, relative to the row's max |entry|")
-    fig.tight_layout()
-    written.append(out / "digits_influence_heatmap.png")
-    fig.savefig(written[-1], dpi=110)
-    plt.close(fig)
+    written.append(save_figure(fig, out / "digits_influence_heatmap.png"))
 
     # (4) the paper's Fig. 1: mean softmax per true class, as a heatmap and as bars for 4 and 9
     from matplotlib.colors import LogNorm
@@ -290,10 +280,7 @@ def _plots(out: Path, *, data: DigitsData, example: int, y_u: int, lrs: tuple[fl
            title=f"The most confused pair keeps mutual mass ({pair[0]} ↔ {pair[1]})")
     bx.legend(fontsize=9)
     bx.grid(alpha=0.3, axis="y")
-    fig.tight_layout()
-    written.append(out / "digits_mean_softmax.png")
-    fig.savefig(written[-1], dpi=110)
-    plt.close(fig)
+    written.append(save_figure(fig, out / "digits_mean_softmax.png"))
     return written
 
 

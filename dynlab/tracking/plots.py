@@ -90,7 +90,7 @@ def plot_probe_dlogp(frame: pd.DataFrame, out: Path, title: str) -> Path:
         ax.grid(alpha=0.3)
     axes[0][-1].legend(fontsize=8, loc="center left", bbox_to_anchor=(1.01, 0.5))
     fig.suptitle(f"{title} — mean over probe examples, band = ±1 s.e.")
-    return _save(fig, out)
+    return save_figure(fig, out)
 
 
 def plot_squeezing(frame: pd.DataFrame, out: Path, title: str, split: str = "train") -> Path:
@@ -109,7 +109,7 @@ def plot_squeezing(frame: pd.DataFrame, out: Path, title: str, split: str = "tra
     right.legend(fontsize=9)
     right.grid(alpha=0.3)
     fig.suptitle(f"{title} — squeezing view: y⁺, y⁻ and the teacher-forced argmax response y* (probe_{split})")
-    return _save(fig, out)
+    return save_figure(fig, out)
 
 
 def plot_overlay(frames: dict[str, pd.DataFrame], out: Path, split: str = "train") -> Path:
@@ -126,7 +126,7 @@ def plot_overlay(frames: dict[str, pd.DataFrame], out: Path, split: str = "train
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
     fig.suptitle(f"runs compared (probe_{split})")
-    return _save(fig, out)
+    return save_figure(fig, out)
 
 
 def plot_runs(run_dirs: Sequence[str | os.PathLike], out_dir: str | os.PathLike) -> list[Path]:
@@ -179,7 +179,7 @@ def plot_dynamics(frame: pd.DataFrame, out: Path, title: str) -> Path:
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=7, ncol=2)
     fig.suptitle(f"{title}: first-order influence of one update (steps {sorted(data['step'].unique().tolist())})")
-    return _save(fig, out)
+    return save_figure(fig, out)
 
 
 def plot_similarity(files: Sequence[Path], out: Path, title: str) -> Path:
@@ -196,10 +196,10 @@ def plot_similarity(files: Sequence[Path], out: Path, title: str) -> Path:
         ax.set_title(f"step {record['step']} (probe_{record['split']}, {len(record['rows'])} prompts)", fontsize=9)
         fig.colorbar(image, ax=ax, shrink=0.8, label="cos(∇θ log π(y_a|x), ∇θ log π(y_b|x))")
     fig.suptitle(f"{title}: gradient similarity between responses of the same prompt")
-    return _save(fig, out)
+    return save_figure(fig, out)
 
 
-def _save(fig, out: Path) -> Path:
+def save_figure(fig, out: Path) -> Path:
     fig.tight_layout()
     fig.savefig(out, dpi=110, bbox_inches="tight")
     plt.close(fig)
