@@ -44,7 +44,7 @@ compare-extend: install
 	DYNLAB=$(BIN)/dynlab PYTHON=$(BIN)/python scripts/compare_extend.sh
 
 # dynlab against TRL, a bare PyTorch loop and the paper's probe evaluation: benchmarks/results/*.json and RESULTS.md
-# (about 40 minutes on this shared 2-core CPU; BENCH_ARGS=--quick: 4 minutes; on a GPU: "--device cuda --dtype bf16")
+# (about 31 minutes on 2 idle CPU cores, 40 under load; BENCH_ARGS=--quick: 4 minutes; on a GPU: "--device cuda --dtype bf16")
 bench: install
 	$(PIP) -e ".[bench]"
 	$(BIN)/python -m benchmarks.run_all $(BENCH_ARGS)

@@ -144,7 +144,8 @@ def shared_prompt_hidden_rows(model: PreTrainedModel, prompts: Sequence[Tensor],
                               max_tokens: int = 4096) -> Iterator[tuple[list[Member], Tensor, Tensor, Tensor]]:
     """The responses of many rows, each row's prompt run once: prompts are grouped by length, then every row's
     responses are grouped by length across rows, each member seeing its own row's prompt cache. Differentiable
-    (DPO pairs train through it); probe scoring calls it under ``no_grad``.
+    (DPO pairs train through it) for models whose cache ``shares_kv_cache``; sliding-window models take a row-by-row
+    path under ``no_grad``, for probe scoring only (``DPOModule`` does not use this function for them).
 
     prompts [(P_k,)], responses [{name: (L,)}] (one dict per row) -> yields per response group
     (members [(row k, name)], hidden (N, H), targets (N,), seq_index (N,) into members). Every response token is a

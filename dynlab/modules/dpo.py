@@ -88,7 +88,9 @@ class DPOModule(CausalLMModule):
         for members, h, y, member_index in shared_prompt_hidden_rows(model, *rows):
             # batch row of each member: chosen of pair k is row k, its rejected row B + k
             batch_row = torch.tensor([k + half * (name == "rejected") for k, name in members], device=h.device)
-            hidden.append(h), targets.append(y), seq_index.append(batch_row[member_index])
+            hidden.append(h)
+            targets.append(y)
+            seq_index.append(batch_row[member_index])
         logits = lm_head(model, torch.cat(hidden))
         return token_logps(logits, torch.cat(targets), chunk_size=self.hparams.logp_chunk_tokens), torch.cat(seq_index)
 
