@@ -2,10 +2,10 @@
 
     python -m benchmarks.before_after [--steps 6] [--quick]      (about 8 minutes on 2 CPU cores; not in make bench)
 
-- DPO step: ``DPOModule.response_token_logps`` (each pair's prompt once, its KV cache serving chosen and rejected,
+- DPO step: ``DPOModule.response_states`` (each pair's prompt once, its KV cache serving chosen and rejected,
   responses grouped by length) against the base class's (one concatenated (2B, T) forward), SmolLM2, the
   throughput benchmark's batches; reference forward, backward and AdamW step included in both.
-- SFT step: ``SFTModule.response_token_logps`` (rows grouped by length) against the base class's single forward.
+- SFT step: ``SFTModule.response_states`` (rows grouped by length) against the base class's single forward.
 - Probe evaluation of the embedded default's probe sets (configs/dpo.yaml, 32 prompts x 11 types): ``probe_step``
   (a batch's rows together, responses grouped across rows at 10% padding) against the previous row-by-row scorer
   (each row's prompt once, its responses grouped at 25% padding), which dynlab keeps for sliding-window models.
@@ -74,9 +74,9 @@ def training(algo: str, args: argparse.Namespace) -> dict[str, Any]:
         n = batch["input_ids"].shape[0]
 
         def logps(model=None):
-            token_logps = (module.response_token_logps(batch, model) if new
-                           else CausalLMModule.response_token_logps(module, batch, model))
-            return segment_sum(*token_logps, n)
+            base_forward = functools.partial(CausalLMModule.response_states, module)  # "before": one padded forward
+            with nullcontext() if new else mock.patch.object(module, "response_states", base_forward):
+                return segment_sum(*module.response_token_logps(batch, model), n)
 
         if algo == "dpo":
             chosen, rejected = logps().chunk(2)

@@ -14,6 +14,7 @@ from typing import Any
 from lightning.pytorch import Callback, LightningModule, Trainer
 
 from dynlab.evaluation.repetition import summarize
+from dynlab.modules.base import uses_fsdp
 
 
 class GenerationMetrics(Callback):
@@ -59,7 +60,7 @@ class GenerationMetrics(Callback):
         step = self._last_step = trainer.global_step
         if not trainer.is_global_zero:
             return {}
-        if "FSDP" in type(trainer.strategy).__name__:
+        if uses_fsdp(trainer):
             warnings.warn("GenerationMetrics is skipped under FSDP (the policy's weights are sharded)", stacklevel=2)
             return {}
         examples = getattr(trainer.datamodule, "probe_examples", {}).get(self.split, [])[: self.num_prompts]

@@ -36,6 +36,11 @@ def gather_objects(items: list) -> list:
     return [x for part in gathered for x in part]
 
 
+def uses_fsdp(trainer: L.Trainer | None) -> bool:
+    """Whether the trainer shards the policy with FSDP (its weights are gathered per forward call)."""
+    return trainer is not None and "FSDP" in type(trainer.strategy).__name__
+
+
 def disable_dropout(model: nn.Module) -> nn.Module:
     """Set every dropout probability to 0 (the paper trains without dropout; the reference must be deterministic)."""
     for module in model.modules():
@@ -94,7 +99,7 @@ class CausalLMModule(L.LightningModule):
 
     # ---- set-up ---------------------------------------------------------------------------------------------------
     def setup(self, stage: str) -> None:
-        if "FSDP" in type(self.trainer.strategy).__name__ and self.hparams.probe_every_n_steps:
+        if uses_fsdp(self.trainer) and self.hparams.probe_every_n_steps:
             # probe scoring calls the policy outside FSDP's root forward, with a different number of forwards per
             # rank: every rank would wait on the others' all-gathers
             raise InputError("probe evaluation under FSDP is not supported yet: set "
@@ -125,9 +130,16 @@ class CausalLMModule(L.LightningModule):
     def response_token_logps(self, batch: dict[str, Tensor], model: nn.Module | None = None) -> tuple[Tensor, Tensor]:
         """Log-probs of the response tokens: batch (B, T) -> (logps (N,), seq_index (N,))."""
         model = model or self.policy
-        hidden, targets, seq_index = response_hidden(model, batch["input_ids"], batch["attention_mask"],
-                                                     batch["labels"])
+        hidden, targets, seq_index = self.response_states(batch, model)
         return token_logps(lm_head(model, hidden), targets, chunk_size=self.hparams.logp_chunk_tokens), seq_index
+
+    def response_states(self, batch: dict[str, Tensor], model: nn.Module) -> tuple[Tensor, Tensor, Tensor]:
+        """The states that predict the response tokens: batch (B, T) -> (hidden (N, H), targets (N,), seq_index (N,)).
+
+        One padded forward here; subclasses skip work (padding, a prompt repeated across rows) where the numbers
+        allow, in any token order.
+        """
+        return response_hidden(model, batch["input_ids"], batch["attention_mask"], batch["labels"])
 
     def sequence_logps(self, batch: dict[str, Tensor], model: nn.Module | None = None) -> Tensor:
         """Summed response log-probs of each sequence: batch (B, T) -> (B,)."""

@@ -12,9 +12,8 @@ import torch
 from torch import Tensor, nn
 
 from dynlab.losses.dpo import dpo_loss
-from dynlab.losses.logps import token_logps
-from dynlab.models.forward import lm_head, pair_rows, shared_prompt_hidden_rows, shares_kv_cache
-from dynlab.modules.base import CausalLMModule, disable_dropout
+from dynlab.models.forward import pair_rows, shared_prompt_hidden_rows, shares_kv_cache
+from dynlab.modules.base import CausalLMModule, disable_dropout, uses_fsdp
 
 
 def frozen_copy(model: nn.Module) -> nn.Module:
@@ -71,18 +70,16 @@ class DPOModule(CausalLMModule):
                 cache[batch["index"]] = torch.stack(self.sequence_logps(batch, self.reference).chunk(2), dim=1)
         return self.trainer.strategy.reduce(cache, reduce_op="sum")  # each pair was computed by one rank
 
-    def response_token_logps(self, batch: dict[str, Tensor], model: nn.Module | None = None) -> tuple[Tensor, Tensor]:
+    def response_states(self, batch: dict[str, Tensor], model: nn.Module) -> tuple[Tensor, Tensor, Tensor]:
         """As the base class (token order aside), but each pair's prompt runs once, its KV cache serving both the
         chosen and the rejected response, and responses are grouped by length: the same numbers for less work."""
-        model = model or self.policy
-        trainer = self._trainer
         # one dropout mask for both rows of a pair would change training; FSDP shards the policy per forward call
         rows = None
-        if not (model is self.policy and self.hparams.dropout) and not (
-                trainer is not None and "FSDP" in type(trainer.strategy).__name__) and shares_kv_cache(model):
+        if not (model is self.policy and self.hparams.dropout) and not uses_fsdp(self._trainer) \
+                and shares_kv_cache(model):
             rows = pair_rows(batch["input_ids"], batch["attention_mask"], batch["labels"])
         if rows is None:
-            return super().response_token_logps(batch, model)
+            return super().response_states(batch, model)
         half = len(rows[0])
         hidden, targets, seq_index = [], [], []
         for members, h, y, member_index in shared_prompt_hidden_rows(model, *rows):
@@ -91,8 +88,7 @@ class DPOModule(CausalLMModule):
             hidden.append(h)
             targets.append(y)
             seq_index.append(batch_row[member_index])
-        logits = lm_head(model, torch.cat(hidden))
-        return token_logps(logits, torch.cat(targets), chunk_size=self.hparams.logp_chunk_tokens), torch.cat(seq_index)
+        return torch.cat(hidden), torch.cat(targets), torch.cat(seq_index)
 
     def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
         policy_chosen, policy_rejected = self.sequence_logps(batch).chunk(2)

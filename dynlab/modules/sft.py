@@ -13,10 +13,9 @@ from typing import Any, ClassVar, Literal
 import torch
 from torch import Tensor, nn
 
-from dynlab.losses.logps import token_logps
 from dynlab.losses.sft import sft_loss
-from dynlab.models.forward import grouped_response_hidden, lm_head
-from dynlab.modules.base import CausalLMModule
+from dynlab.models.forward import grouped_response_hidden
+from dynlab.modules.base import CausalLMModule, uses_fsdp
 
 
 class SFTModule(CausalLMModule):
@@ -34,16 +33,12 @@ class SFTModule(CausalLMModule):
         super().__init__(*args, **kwargs)
         self.reduction = reduction
 
-    def response_token_logps(self, batch: dict[str, Tensor], model: nn.Module | None = None) -> tuple[Tensor, Tensor]:
+    def response_states(self, batch: dict[str, Tensor], model: nn.Module) -> tuple[Tensor, Tensor, Tensor]:
         """As the base class (token order aside), with the batch's rows grouped by length, one forward per group, so
         little of the work is padding."""
-        model = model or self.policy
-        trainer = self._trainer
-        if trainer is not None and "FSDP" in type(trainer.strategy).__name__:  # one forward per step under FSDP
-            return super().response_token_logps(batch, model)
-        hidden, targets, seq_index = grouped_response_hidden(model, batch["input_ids"], batch["attention_mask"],
-                                                             batch["labels"])
-        return token_logps(lm_head(model, hidden), targets, chunk_size=self.hparams.logp_chunk_tokens), seq_index
+        if uses_fsdp(self._trainer):  # one forward per step under FSDP
+            return super().response_states(batch, model)
+        return grouped_response_hidden(model, batch["input_ids"], batch["attention_mask"], batch["labels"])
 
     def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
         logps, seq_index = self.response_token_logps(batch)
