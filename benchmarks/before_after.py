@@ -112,7 +112,7 @@ def probes(args: argparse.Namespace) -> dict[str, Any]:
     batches = {s: [move_data_to_device(b, args.device) for b in data.probe_dataloader(s)] for s in data.probe_types}
 
     def previous(model, prompts, responses, max_padding=0.25, max_tokens=4096):  # the row-by-row scorer
-        return forward._rows_one_by_one(model, prompts, responses, 0.25)
+        return forward.rows_one_by_one(model, prompts, responses, 0.25)
 
     def evaluate(old: bool, i: int) -> None:
         with mock.patch.object(base_module, "shared_prompt_hidden_rows", previous) if old else nullcontext():

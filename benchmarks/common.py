@@ -177,9 +177,9 @@ def peak_memory_mb(fn: Callable[[], Any], device: str | torch.device) -> tuple[f
 # ---- data and models ------------------------------------------------------------------------------------------------
 def smollm2_dir() -> str:
     """The local directory of the embedded SmolLM2 (dequantized once into dynlab's cache)."""
-    from dynlab.models.load import ModelSpec, _resolve_dir
+    from dynlab.models.load import ModelSpec, resolve_dir
 
-    return _resolve_dir(ModelSpec())
+    return resolve_dir(ModelSpec())
 
 
 def model_spec(name: str, dtype: str = "float32"):

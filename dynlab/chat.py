@@ -1,19 +1,41 @@
 """Chat backends used to rephrase probe responses (and to judge generations): any OpenAI-compatible chat-completions
-endpoint, or a local HF chat model. Both take a list of messages and return the reply text."""
+endpoint, or a local HF chat model. Both take a list of messages and return the reply text; prompts for a tokenizer
+without a chat template are rendered HH style by :func:`default_render_chat`."""
 
 from __future__ import annotations
 
+import base64
+import http.client
 import json
 import os
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 from collections.abc import Sequence
 from typing import Protocol
 
-from dynlab.errors import InputError
+from dynlab.errors import InputError, redact
 
 Message = dict[str, str]
+HH_ASSISTANT = "\n\nAssistant:"  # the open assistant turn that ends an HH prompt
+
+
+def default_render_chat(messages: list[dict]) -> str:
+    """Render chat messages in HH style, ending with an open ``"\\n\\nAssistant:"`` turn.
+
+    Used when the tokenizer has no chat template. A system message is prepended as is.
+
+    >>> default_render_chat([{"role": "user", "content": "Hi"}])
+    '\\n\\nHuman: Hi\\n\\nAssistant:'
+    """
+    speaker = {"user": "\n\nHuman: ", "assistant": "\n\nAssistant: "}
+    parts = [m["content"] if m["role"] == "system" else speaker[m["role"]] + m["content"] for m in messages]
+    return "".join(parts) + HH_ASSISTANT
+
+
+class ChatEndpointError(RuntimeError):
+    """An endpoint that kept failing; the message names the URL and the last error, never a credential."""
 
 
 class ChatBackend(Protocol):
@@ -24,7 +46,9 @@ class ChatEndpoint:
     """An OpenAI-compatible ``POST {base_url}/chat/completions`` client (stdlib only).
 
     The API key is read from the environment variable ``api_key_env`` at call time and is sent only in the
-    Authorization header: it is never logged, printed or written to a file.
+    Authorization header: it is never logged, printed or written to a file. Credentials in the URL
+    (``https://user:KEY@host/v1``) are taken out of it and sent as HTTP Basic auth when the variable is unset; the
+    URL kept, shown and named in errors has none, and every error message is :func:`dynlab.errors.redact`-ed.
 
     Args:
         base_url: e.g. ``https://api.openai.com/v1`` or ``http://127.0.0.1:8000/v1``.
@@ -36,12 +60,18 @@ class ChatEndpoint:
 
     def __init__(self, base_url: str, model: str, api_key_env: str = "OPENAI_API_KEY", timeout: float = 60.0,
                  retries: int = 3, backoff: float = 1.0):
-        self.url = base_url.rstrip("/") + "/chat/completions"
+        parts = urllib.parse.urlsplit(base_url.rstrip("/") + "/chat/completions")
+        self._basic_auth = None  # base64 "user:password" from the URL, for Basic auth; never shown
+        if "@" in parts.netloc:
+            userinfo, _, host = parts.netloc.rpartition("@")
+            self._basic_auth = base64.b64encode(urllib.parse.unquote(userinfo).encode()).decode()
+            parts = parts._replace(netloc=host)
+        self.url = urllib.parse.urlunsplit(parts)
         self.model, self.api_key_env = model, api_key_env
         self.timeout, self.retries, self.backoff = timeout, retries, backoff
 
     def __repr__(self) -> str:  # no key in reprs
-        return f"ChatEndpoint(url={self.url!r}, model={self.model!r}, api_key_env={self.api_key_env!r})"
+        return redact(f"ChatEndpoint(url={self.url!r}, model={self.model!r}, api_key_env={self.api_key_env!r})")
 
     def complete(self, messages: Sequence[Message], *, temperature: float = 0.7, max_tokens: int = 256) -> str:
         body = json.dumps({"model": self.model, "messages": list(messages), "temperature": temperature,
@@ -50,6 +80,8 @@ class ChatEndpoint:
         key = os.environ.get(self.api_key_env)
         if key:
             headers["Authorization"] = f"Bearer {key}"
+        elif self._basic_auth:
+            headers["Authorization"] = f"Basic {self._basic_auth}"
         last_error = ""
         for attempt in range(self.retries + 1):
             if attempt:
@@ -66,12 +98,13 @@ class ChatEndpoint:
                 last_error = f"HTTP {err.code}"
                 if err.code != 429 and err.code < 500:
                     break  # a client error will not get better by retrying
-            except (urllib.error.URLError, TimeoutError, ConnectionError) as err:
+            except (urllib.error.URLError, TimeoutError, ConnectionError, http.client.HTTPException) as err:
                 last_error = type(err).__name__ + ": " + str(getattr(err, "reason", err))
             except (KeyError, IndexError, TypeError, json.JSONDecodeError) as err:
                 last_error = f"unexpected response ({type(err).__name__}: {err})"
                 break
-        raise RuntimeError(f"chat endpoint {self.url} failed after {attempt + 1} attempt(s): {last_error}")
+        # raised outside the except blocks, so no chained exception carries the original text
+        raise ChatEndpointError(redact(f"chat endpoint {self.url} failed after {attempt + 1} attempt(s): {last_error}"))
 
 
 class LocalChatModel:
@@ -92,8 +125,6 @@ class LocalChatModel:
         if getattr(self.tokenizer, "chat_template", None):
             return self.tokenizer.apply_chat_template(list(messages), add_generation_prompt=True, tokenize=True,
                                                       return_dict=True)["input_ids"]
-        from dynlab.data.formats import default_render_chat
-
         return self.tokenizer(default_render_chat(list(messages)))["input_ids"]
 
     def complete_many(self, conversations: Sequence[Sequence[Message]], *, temperature: float = 0.7,

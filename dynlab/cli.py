@@ -1,4 +1,4 @@
-"""The ``dynlab`` command: LightningCLI for fit/validate/test, plus thin extra subcommands.
+"""The ``dynlab`` command: LightningCLI for fit/validate/test, plus thin extra subcommands (``dynlab --help``).
 
     dynlab fit --config configs/dpo.yaml [--config configs/tiny.yaml] [--model.init_args.beta=0.2 ...]
     dynlab fit --config configs/dpo.yaml --print_config
@@ -10,28 +10,165 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import logging
 import os
+import re
+import signal
 import sys
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any, NoReturn
 
+import yaml
+from jsonargparse import Namespace
+from jsonargparse._common import debug_mode_active
 from lightning.pytorch import LightningModule, Trainer
-from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
+from lightning.pytorch.callbacks import RichProgressBar
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
 from lightning.pytorch.loggers import WandbLogger
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from dynlab.data.datamodule import ProbeDataModule
-from dynlab.errors import InputError
+from dynlab.errors import InputError, redact
+from dynlab.models.load import read_checkpoint
 from dynlab.modules.base import CausalLMModule
+from dynlab.tracking.loggers import CSVLogger, check_run_dir
+from dynlab.tracking.progress import StepProgressBar
 
 
 class SaveAndLogConfig(SaveConfigCallback):
     """Save the resolved config as ``config.yaml`` in the run directory and log it whole to W&B (rank 0)."""
 
+    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        self._log_dir = trainer.log_dir  # a collective under DDP: every rank asks, save_config runs on rank 0 only
+        super().setup(trainer, pl_module, stage)
+
     def save_config(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        # credentials in a value (an endpoint URL's user:KEY@) go neither into config.yaml nor to W&B
+        config_file = Path(self._log_dir or ".", self.config_filename)
+        if config_file.is_file():
+            text = config_file.read_text()
+            if redact(text) != text:
+                tmp = config_file.with_suffix(".tmp")
+                tmp.write_text(redact(text))
+                tmp.replace(config_file)
         for logger in trainer.loggers:
             if isinstance(logger, WandbLogger):
-                logger.log_hyperparams(self.config.as_dict())
+                logger.log_hyperparams(redact_values(self.config.as_dict()))
+
+
+def start_wandb_redacted(trainer: Trainer) -> None:
+    """Start the W&B runs now (rank 0) with credentials redacted from the command line W&B records in the run's
+    metadata; the real ``sys.argv`` comes back at once (Lightning's DDP launcher reuses it)."""
+    if not trainer.is_global_zero:
+        return
+    argv = sys.argv
+    sys.argv = [redact(a) for a in argv]
+    try:
+        for logger in trainer.loggers:
+            if isinstance(logger, WandbLogger):
+                logger.experiment  # noqa: B018 - the property creates the run
+    finally:
+        sys.argv = argv
+
+
+def redact_values(value: Any) -> Any:
+    """``value`` (nested dicts and lists) with :func:`dynlab.errors.redact` applied to every string in it."""
+    if isinstance(value, dict):
+        return {k: redact_values(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(redact_values(v) for v in value)
+    return redact(value) if isinstance(value, str) else value
+
+
+class DynlabParser(LightningArgumentParser):
+    """LightningCLI's parser, with each configuration error as one line, ``dynlab: error: <reason>`` (exit code 2),
+    instead of 60-odd lines of usage with the reason buried at their end; ``--help`` still prints the usage."""
+
+    def error(self, message: str, ex: Exception | None = None) -> NoReturn:
+        if not self.exit_on_error or debug_mode_active():  # jsonargparse parsing a nested value: it raises
+            super().error(message, ex)
+        parser = getattr(ex, "subcommand_parser", None) or self
+        word = parser.prog.split()[-1] if parser.prog else ""
+        command = f"dynlab {word}" if word in LightningCLI.subcommands() else "dynlab"
+        print(f"dynlab: error: {config_error_reason(message, command)}", file=sys.stderr)
+        sys.exit(2)
+
+
+_PARSER_KEY = re.compile(r'Parser key "([^"]+)":?\s*')
+_NOISE = ("Does not validate against any of the Union subtypes", "Subtypes:", "Errors:", "Given value type:",
+          "Expected a <class 'NoneType'>", "Expected a path but", "Expected a dot import path string")
+
+
+def config_error_reason(message: str, command: str = "dynlab") -> str:
+    r"""jsonargparse's error message (often a dozen nested lines, one per Union alternative that failed) as one line:
+    the key, what it expects (a Literal's choices spelled out) and the value given.
+
+    >>> config_error_reason('Parser key "trainer.max_steps":\n  Expected a <class \'int\'>. Got value: abc')
+    "trainer.max_steps: expected int, got 'abc'"
+    """
+    key = ".".join(_PARSER_KEY.findall(message))
+    expected, other, given, owner, unknown = [], [], None, None, None
+    for line in message.splitlines():
+        line = _PARSER_KEY.sub("", line.strip().removeprefix("- ").strip())
+        line = re.sub(r"^Type .*? expects a function or a callable class: ", "", line)  # optimizer/scheduler args
+        if not line or line.startswith(_NOISE):
+            continue
+        if match := re.match(r"Problem with given class_path '([^']+)':$", line):
+            owner = match[1]
+        elif match := re.match(r"Given value: (.*?)(\. Got value: .*)?$", line):
+            value = re.fullmatch(r"NestedArg\(key='[^']*', val=(.*)\)", match[1])
+            given = given or (value[1].strip("'\"") if value else match[1])  # the innermost comes first
+        elif match := re.match(r"Option '([^']+)' is not accepted|Subcommand '\w+' does not accept option '([^']+)'",
+                               line):
+            unknown = match[1] or match[2]
+            if inner := re.search(r"Got value: Namespace\(class_path='([^']+)'", line):  # an optimizer's, say
+                owner = inner[1]
+        elif line.startswith("unrecognized arguments:"):
+            return f"{line} ({command} --help lists the options)"
+        elif match := re.match(r"Expected an? (.*?)(?:\. Got value: (.*))?$", line):
+            kind = re.sub(r"^<class '(?:builtins\.)?(.*)'>$", r"\1", match[1])
+            choices = re.fullmatch(r"typing\.Literal\[(.*)\]", kind)
+            expected.append(f"one of {choices[1]}" if choices else kind)
+            given = given or match[2]
+        else:
+            other.append(line)
+    where = f"{key}: " if key else ""
+    if unknown:
+        return (f"{key + '.' if key else ''}{unknown}: no such option{f' of {owner}' if owner else ''} "
+                f"({command} --help lists the options)")
+    if expected:
+        return f"{where}expected {' or '.join(dict.fromkeys(expected))}{f', got {given!r}' if given else ''}"
+    if other:
+        return f"{where}{'; '.join(dict.fromkeys(other))}"
+    return " ".join(message.split())
+
+
+def check_config_files(args: Sequence[str]) -> None:
+    """Each ``--config`` file of ``args`` exists and holds a YAML mapping, else an InputError naming the file
+    (jsonargparse names none for an empty file or bad YAML)."""
+    paths = [b for a, b in zip(args, args[1:]) if a in ("-c", "--config")]
+    paths += [a.split("=", 1)[1] for a in args if a.startswith("--config=")]
+    for path in paths:
+        if not Path(path).is_file():
+            if "\n" not in path and not path.lstrip().startswith("{"):  # else inline YAML, which jsonargparse reads
+                raise InputError("no such config file", file=path)
+            continue
+        try:
+            config = yaml.safe_load(Path(path).read_text())
+        except yaml.YAMLError as err:
+            mark = getattr(err, "problem_mark", None)
+            where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+            raise InputError(f"not valid YAML: {getattr(err, 'problem', None) or err}{where}",
+                             file=path) from err
+        except (OSError, UnicodeDecodeError) as err:
+            raise InputError(f"cannot read it ({err})", file=path) from err
+        if config is None:
+            raise InputError("the config file is empty", file=path)
+        if not isinstance(config, dict):
+            raise InputError(f"a config file holds a mapping (trainer:, model:, data: ...), not a "
+                             f"{type(config).__name__}", file=path)
 
 
 class DynlabCLI(LightningCLI):
@@ -44,20 +181,59 @@ class DynlabCLI(LightningCLI):
             subclass_mode_model=True,
             subclass_mode_data=True,
             parser_kwargs={"parser_mode": "omegaconf"},
+            parser_class=DynlabParser,
             save_config_callback=SaveAndLogConfig,
             save_config_kwargs={"overwrite": True},
             args=args,
             run=run,
         )
 
+    def parse_arguments(self, parser: LightningArgumentParser, args: Any) -> None:
+        if args is None or isinstance(args, (list, tuple)):
+            check_config_files(list(sys.argv[1:] if args is None else args))
+        super().parse_arguments(parser, args)
+        # LightningCLI reads the --ckpt_path file's hyperparameters next: a missing or corrupt one fails here, in one
+        # line (Lightning's own names aside; "last" is resolved in _prepare_subcommand_kwargs)
+        subcommand = self.config.get("subcommand")
+        ckpt = str(self.config[subcommand].get("ckpt_path") or "") if subcommand else ""
+        if ckpt and ckpt not in ("last", "best", "hpc") and "://" not in ckpt and not ckpt.startswith("registry"):
+            read_checkpoint(ckpt, "ckpt_path", mmap=True)
+
+    @staticmethod
+    def subcommands() -> dict[str, set[str]]:
+        # no predict: the modules have no predict_step (`dynlab generate` samples responses)
+        return {k: v for k, v in LightningCLI.subcommands().items() if k != "predict"}
+
+    def before_instantiate_classes(self) -> None:
+        if self.subcommand is not None:
+            fill_run_root(self.config[self.subcommand])
+
+    def after_instantiate_classes(self) -> None:
+        # Lightning's default rich bar shows "Epoch 0/-2" in a run bounded by max_steps; this one counts its steps
+        callbacks = self.trainer.callbacks
+        for i, callback in enumerate(callbacks):
+            if type(callback) is RichProgressBar:
+                callbacks[i] = StepProgressBar(refresh_rate=callback.refresh_rate, leave=callback._leave,
+                                               theme=callback.theme, console_kwargs=callback._console_kwargs)
+        # Lightning passes W&B anonymous=None always, and W&B warns on every run that the setting has no effect
+        for logger in self.trainer.loggers:
+            if isinstance(logger, WandbLogger) and logger._wandb_init.get("anonymous", False) is None:
+                del logger._wandb_init["anonymous"]
+
     def _prepare_data(self) -> None:
         # read, validate and tokenize all data now, so bad input fails before the run directory is written
-        hp, trainer = self.datamodule.hparams, self.trainer
+        hp, trainer, config = self.datamodule.hparams, self.trainer, self.config[self.subcommand]
+        if self.subcommand == "fit":
+            try:  # built once now, so that lr < 0 and other values torch refuses fail before the run starts
+                self.model.configure_optimizers()
+            except (ValueError, TypeError) as err:
+                field = next((k for k in ("optimizer", "lr_scheduler") if config.get(k)), "model.optimizer")
+                raise InputError(f"{err} (building the optimizer and scheduler)", field=field) from err
         if hp.rephraser and trainer.world_size > 1:  # each rank would draw its own, different rephrases
             raise InputError("build rephrased probes once (dynlab probe build --rephraser ... --out FILE) and pass "
                              "the file as data.probe_train_file / data.probe_test_file for multi-process runs",
                              field="data.rephraser")
-        if self.subcommand == "fit" and self.config[self.subcommand].get("ckpt_path"):
+        if self.subcommand == "fit" and config.get("ckpt_path"):
             # a resumed run scores exactly the probe texts it started with (sampled or rephrased ones included)
             for split in ("train", "test"):
                 saved = Path(trainer.log_dir or ".", "probes", f"probe_{split}.jsonl")
@@ -69,6 +245,15 @@ class DynlabCLI(LightningCLI):
 
     def _prepare_subcommand_kwargs(self, subcommand: str) -> dict:
         kwargs = super()._prepare_subcommand_kwargs(subcommand)
+        if self.trainer.loggers:
+            # the run directory, claimed now (by rank 0: created, locked), after the input was checked; Lightning's
+            # Slurm pre-emption checkpoints (hpc_ckpt_*.ckpt in default_root_dir) go in it too, so a requeued job
+            # finds its own
+            for logger in self.trainer.loggers:
+                if isinstance(logger, CSVLogger):
+                    logger.claim()
+            self.trainer._default_root_dir = self.trainer.log_dir
+            start_wandb_redacted(self.trainer)
         if kwargs.get("ckpt_path") == "last":
             kwargs["ckpt_path"] = newest_checkpoint(self.trainer) or "last"
         return kwargs
@@ -163,11 +348,13 @@ def sweep_command(argv: Sequence[str]) -> None:
     parser.add_argument("sweep", help="a sweep YAML, e.g. sweeps/dpo_lr_epochs.yaml")
     parser.add_argument("--count", type=int, required=True, help="total trials (finished ones from before count)")
     parser.add_argument("--config", action="append", default=[], help="overlay config(s) for every trial")
-    parser.add_argument("--out", default=None, help="summary directory (default runs/sweeps/<sweep name>)")
+    parser.add_argument("--trainer.default_root_dir", dest="root", default=None,
+                        help="where the trials' runs and the summary go (default runs)")
+    parser.add_argument("--out", default=None, help="summary directory (default <root>/sweeps/<sweep name>)")
     args = parser.parse_args(argv)
     from dynlab.sweep import run_sweep
 
-    run_sweep(args.sweep, args.count, overlays=args.config, out_dir=args.out)
+    run_sweep(args.sweep, args.count, overlays=args.config, out_dir=args.out, root=args.root)
 
 
 def slurm_command(argv: Sequence[str]) -> None:
@@ -217,17 +404,91 @@ SUBCOMMANDS = {"plot": plot_command, "probe": probe_command, "sweep": sweep_comm
                "judge": _lazy("dynlab.evaluation.cli", "judge_command")}
 
 
+def fill_run_root(config: Namespace) -> None:
+    """One setting decides where a run lives: ``trainer.default_root_dir`` (default ``runs``) becomes the save_dir of
+    every logger that names none, so the run directory is ``<root>/<stage>/version_N`` (the CSV logger's), W&B's
+    runs go to ``<root>/<stage>/wandb`` and the checkpoints (ModelCheckpoint uses the first logger's directory) to
+    the run directory."""
+    trainer = config.trainer
+    trainer.default_root_dir = root = trainer.default_root_dir or "runs"
+    loggers = [x for x in (trainer.logger if isinstance(trainer.logger, list) else [trainer.logger])
+               if isinstance(x, Namespace) and isinstance(x.get("init_args"), Namespace)]
+    stage = next((x.init_args.get("name") or "" for x in loggers if x.class_path.endswith("CSVLogger")), "")
+    for logger in loggers:
+        if logger.class_path.endswith("WandbLogger") and logger.init_args.get("save_dir") in (None, "."):
+            logger.init_args.save_dir = os.path.join(root, stage)
+        elif "save_dir" in logger.init_args and logger.init_args.save_dir is None:
+            logger.init_args.save_dir = root
+        if logger.class_path == "dynlab.tracking.loggers.CSVLogger":  # here, since jsonargparse buries its errors
+            check_run_dir(logger.init_args.save_dir, logger.init_args.get("name"), logger.init_args.get("version"))
+
+
 def newest_checkpoint(trainer: Trainer) -> str | None:
     """For ``--ckpt_path=last``: the newest of the run's checkpoints and Lightning's Slurm pre-emption checkpoints
-    (``hpc_ckpt_*.ckpt`` in ``default_root_dir``, saved on SIGUSR1), so a requeued job loses no steps."""
+    (``hpc_ckpt_*.ckpt``, saved on SIGUSR1 in ``default_root_dir``: the run directory), so a requeued job loses no
+    steps."""
     candidates = [*Path(trainer.log_dir or ".", "checkpoints").glob("*.ckpt"),
                   *Path(trainer.default_root_dir).glob("hpc_ckpt_*.ckpt")]
     return str(max(candidates, key=lambda p: p.stat().st_mtime)) if candidates else None
 
 
+OVERVIEW = {
+    "fit": "train a module (SFT, ExtendSFT, DPO, ...) with probe evaluation: --config configs/dpo.yaml",
+    "validate": "one probe evaluation of a model or checkpoint (--ckpt_path)",
+    "test": "the same evaluation through Lightning's test loop",
+    "plot": "paper-style PNG figures from one or more runs' probe trajectories",
+    "probe": "build a probe set in the paper's jsonl format (probe build ...)",
+    "sweep": "run a W&B sweep YAML locally, one dynlab fit per trial, with a summary table",
+    "slurm": "write (and --submit) an sbatch script running dynlab fit or sweep on N nodes",
+    "toy": "the squeezing effect on a linear softmax model, and Prop. 1 on 8x8 digits",
+    "generate": "greedy and sampled responses of a model to a prompt set, with a repetition table",
+    "judge": "pairwise preference between two sets of responses (win rate with a bootstrap CI)",
+}
+
+
+def print_overview(file=sys.stdout) -> None:
+    """``dynlab --help``: every subcommand, one line each (``dynlab SUBCOMMAND --help`` gives its options)."""
+    print("usage: dynlab SUBCOMMAND [options]   (dynlab SUBCOMMAND --help for its options)\n\nsubcommands:", file=file)
+    for name, line in OVERVIEW.items():
+        print(f"  {name:<10}{line}", file=file)
+
+
+class _DropLogRecords(logging.Filter):
+    """Drops log records whose message starts with one of ``prefixes`` (exact messages, nothing else)."""
+
+    def __init__(self, *prefixes: str):
+        super().__init__()
+        self.prefixes = prefixes
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith(self.prefixes)
+
+
+def quiet_noise() -> None:
+    """Silence the messages a dynlab user cannot act on, each matched exactly."""
+    # called with explicit args from Python (tests, sweeps), sys.argv belongs to the caller
+    warnings.filterwarnings("ignore", message="LightningCLI's args parameter is intended")
+    # Lightning's hint for machines that have srun installed but run dynlab outside Slurm: noise here
+    warnings.filterwarnings("ignore", message="The `srun` command is available on your system")
+    # during fit the probe loaders are run by the module itself, so Lightning's validation loader list is empty
+    warnings.filterwarnings("ignore", message="Total length of `list` across ranks is zero")
+    # Lightning's own pytree helper uses torch's deprecated LeafSpec (lightning 2.6 with torch >= 2.9)
+    warnings.filterwarnings("ignore", message=re.escape("`isinstance(treespec, LeafSpec)` is deprecated"),
+                            category=FutureWarning)
+    # an advertisement, printed on every run
+    rank_zero = logging.getLogger("lightning.pytorch.utilities.rank_zero")
+    if not any(isinstance(f, _DropLogRecords) for f in rank_zero.filters):
+        rank_zero.addFilter(_DropLogRecords("💡 Tip: For seamless cloud logging"))
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     """Entry point of the ``dynlab`` console script."""
     args = list(sys.argv[1:] if argv is None else argv)
+    if args in ([], ["-h"], ["--help"]):
+        print_overview(sys.stdout if args else sys.stderr)
+        if not args:
+            sys.exit(2)
+        return
     if args and args[0] in SUBCOMMANDS:
         try:
             SUBCOMMANDS[args[0]](args[1:])
@@ -238,14 +499,16 @@ def main(argv: Sequence[str] | None = None) -> None:
     # W&B offline unless the user chose a mode or gave a key (offline runs sync later with `wandb sync`)
     if not os.environ.get("WANDB_MODE") and not os.environ.get("WANDB_API_KEY"):
         os.environ["WANDB_MODE"] = "offline"
-    # called with explicit args from Python (tests, sweeps), sys.argv belongs to the caller
-    warnings.filterwarnings("ignore", message="LightningCLI's args parameter is intended")
-    # Lightning's hint for machines that have srun installed but run dynlab outside Slurm: noise here
-    warnings.filterwarnings("ignore", message="The `srun` command is available on your system")
-    # during fit the probe loaders are run by the module itself, so Lightning's validation loader list is empty
-    warnings.filterwarnings("ignore", message="Total length of `list` across ranks is zero")
+    quiet_noise()
     try:
         DynlabCLI(args=None if argv is None else list(argv))
+    except SIGTERMException:
+        # stops (see CausalLMModule.stop_if_asked): Lightning's SIGTERMException would exit 0, as if the run were done
+        print("dynlab: stopped by SIGTERM; resume with --ckpt_path=last", file=sys.stderr)
+        sys.exit(128 + signal.SIGTERM)
+    except KeyboardInterrupt:  # before or after fit (inside it Lightning shuts down and exits 1 itself)
+        print("dynlab: interrupted", file=sys.stderr)
+        sys.exit(128 + signal.SIGINT)
     except Exception as exc:
         err = _input_error(exc)
         if err is None:

@@ -10,6 +10,7 @@ The script only sets resources and calls dynlab: no training logic lives in shel
 
 from __future__ import annotations
 
+import re
 import shlex
 import subprocess
 import sys
@@ -17,6 +18,34 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from dynlab.errors import InputError
+
+# what Slurm accepts for each value that goes into an #SBATCH line (those cannot be shell-quoted, so they are checked)
+SBATCH_VALUES = {
+    "job-name": (r"[A-Za-z0-9][A-Za-z0-9_.+-]*", "letters, digits and _ . + -"),
+    "time": (r"(\d+-)?\d+(:\d+){0,2}|UNLIMITED|INFINITE", "MINUTES, HH:MM:SS, D-HH or D-HH:MM:SS"),
+    "partition": (r"[A-Za-z0-9_.-]+(,[A-Za-z0-9_.-]+)*", "partition names, comma-separated"),
+    "account": (r"[A-Za-z0-9_.-]+", "letters, digits and _ . -"),
+    "mem": (r"\d+[KMGTkmgt]?", "a size such as 16G or 4000M"),
+}
+
+
+def check_sbatch_value(flag: str, value: str) -> str:
+    """``value`` for ``#SBATCH --flag=value``, or an InputError naming the flag and what Slurm accepts."""
+    pattern, accepted = SBATCH_VALUES[flag]
+    if not re.fullmatch(pattern, value):
+        raise InputError(f"{value!r} is not a valid value: use {accepted}", field=f"--{flag}")
+    return value
+
+
+def check_shell_line(line: str, field: str) -> str:
+    """One shell line (a --setup line): no newline or other control character, balanced quotes."""
+    if not line.isprintable():
+        raise InputError(f"{line!r}: one line without control characters", field=field)
+    try:
+        shlex.split(line, comments=True)
+    except ValueError as err:
+        raise InputError(f"{line!r}: {err}", field=field) from None
+    return line
 
 
 def sbatch_script(dynlab_args: Sequence[str], *, nodes: int, gpus_per_node: int, time: str | None = None,
@@ -32,6 +61,13 @@ def sbatch_script(dynlab_args: Sequence[str], *, nodes: int, gpus_per_node: int,
                          "after the options")
     if nodes < 1 or gpus_per_node < 0:
         raise InputError("need --nodes >= 1 and --gpus-per-node >= 0")
+    for flag, number in (("tasks-per-node", tasks_per_node), ("cpus-per-task", cpus_per_task)):
+        if number is not None and number < 1:
+            raise InputError(f"{number} is not a valid value: need 1 or more", field=f"--{flag}")
+    check_sbatch_value("job-name", job_name)
+    for x in extra_sbatch:
+        check_shell_line(x, "extra_sbatch")
+    setup = [check_shell_line(x, "--setup") for x in setup]
     devices = gpus_per_node or tasks_per_node or 1
     lines = ["#!/bin/bash", f"#SBATCH --job-name={job_name}", f"#SBATCH --nodes={nodes}",
              f"#SBATCH --ntasks-per-node={devices}"]
@@ -40,7 +76,7 @@ def sbatch_script(dynlab_args: Sequence[str], *, nodes: int, gpus_per_node: int,
     for flag, value in (("cpus-per-task", cpus_per_task), ("mem", mem), ("time", time), ("partition", partition),
                         ("account", account)):
         if value is not None:
-            lines.append(f"#SBATCH --{flag}={value}")
+            lines.append(f"#SBATCH --{flag}={value if flag == 'cpus-per-task' else check_sbatch_value(flag, value)}")
     lines += [
         "#SBATCH --signal=SIGUSR1@90  # Lightning checkpoints and requeues the job 90 s before the time limit",
         "#SBATCH --requeue",
@@ -56,21 +92,24 @@ def sbatch_script(dynlab_args: Sequence[str], *, nodes: int, gpus_per_node: int,
         "# rendezvous on the first node (set MASTER_ADDR yourself where node names do not resolve)",
         'export MASTER_ADDR="${MASTER_ADDR:-$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)}"',
         'export MASTER_PORT="${MASTER_PORT:-$((15000 + SLURM_JOB_ID % 20000))}"',
-        "# one run directory per job, kept across requeues, and the same W&B run",
-        'export DYNLAB_RUN_VERSION="${DYNLAB_RUN_VERSION:-slurm-$SLURM_JOB_ID}"',
-        'export WANDB_RUN_ID="${WANDB_RUN_ID:-dynlab-$SLURM_JOB_ID}" WANDB_RESUME=allow',
         'echo "dynlab: job $SLURM_JOB_ID (restart ${SLURM_RESTART_COUNT:-0}) on $SLURM_JOB_NODELIST"',
     ]
     if dynlab_args[0] == "sweep":  # the agent: one process; each trial is a `dynlab fit` on this allocation
         lines.append(" ".join(shlex.quote(a) for a in [python, "-m", "dynlab.cli", *dynlab_args]))
         return "\n".join(lines) + "\n"
+    lines += [
+        "# one run directory per job (<trainer.default_root_dir>/<stage>/slurm-JOBID), kept across requeues, and the",
+        "# same W&B run",
+        'export DYNLAB_RUN_VERSION="${DYNLAB_RUN_VERSION:-slurm-$SLURM_JOB_ID}"',
+        'export WANDB_RUN_ID="${WANDB_RUN_ID:-dynlab-$SLURM_JOB_ID}" WANDB_RESUME=allow',
+    ]
     fit = [python, "-m", "dynlab.cli", *dynlab_args, f"--trainer.num_nodes={nodes}", f"--trainer.devices={devices}",
-           "--trainer.default_root_dir=runs/slurm-$SLURM_JOB_ID", "--ckpt_path=last"]
+           "--ckpt_path=last"]
     if not gpus_per_node:
         fit.append("--trainer.accelerator=cpu")
     if nodes * devices > 1 and not any(a.startswith("--trainer.strategy") for a in dynlab_args):
         fit.append("--trainer.strategy=ddp")
-    lines.append("srun " + " ".join(a if "$SLURM_JOB_ID" in a else shlex.quote(a) for a in fit))
+    lines.append("srun " + " ".join(shlex.quote(a) for a in fit))
     return "\n".join(lines) + "\n"
 
 

@@ -11,6 +11,7 @@ kept and passed to the search; failed ones are tried again).
 from __future__ import annotations
 
 import csv
+import difflib
 import math
 import os
 import subprocess
@@ -66,6 +67,23 @@ def trial_command(config: dict[str, Any], params: dict[str, Any], overlays: Sequ
     return out
 
 
+def logged_metrics(run_dir: Path) -> list[str]:
+    """The metric names a run's metrics.csv has a column for."""
+    with open(run_dir / "metrics.csv", newline="") as f:
+        return [k for k in next(csv.reader(f), []) if k not in ("step", "epoch")]
+
+
+def check_metric_logged(run_dir: Path, metric: str, sweep: str | os.PathLike) -> None:
+    """A sweep scored on a metric no run logs would score every trial NaN: refuse it, naming the close names."""
+    logged = logged_metrics(run_dir)
+    if metric not in logged:
+        close = difflib.get_close_matches(metric, logged, n=3, cutoff=0.6)
+        raise InputError(f"the trial's run logged no metric {metric!r}"
+                         + (f" (did you mean {', '.join(close)}?)" if close else "")
+                         + f"; its {len(logged)} metrics are the columns of {run_dir / 'metrics.csv'}",
+                         file=str(sweep), field="metric.name")
+
+
 def last_value(run_dir: Path, metric: str) -> float:
     """The last logged value of ``metric`` in a run's metrics.csv (NaN if never logged)."""
     value = math.nan
@@ -99,14 +117,19 @@ def _parse(value: str) -> Any:
 
 
 def run_sweep(path: str | os.PathLike, count: int, overlays: Sequence[str] = (), out_dir: str | None = None,
-              cwd: str | os.PathLike | None = None) -> list[dict[str, Any]]:
-    """Run trials until the sweep has ``count`` finished ones (or its grid is exhausted); returns the summary rows."""
+              cwd: str | os.PathLike | None = None, root: str | None = None) -> list[dict[str, Any]]:
+    """Run trials until the sweep has ``count`` finished ones (or its grid is exhausted); returns the summary rows.
+    ``root`` is every trial's ``trainer.default_root_dir`` and holds the summary (``<root>/sweeps/<name>``)."""
     from sweeps import RunState, SweepRun, next_run
 
+    if count < 1:
+        raise InputError(f"{count} trials: give --count 1 or more (the sweep's total number of trials)",
+                         field="--count")
     config = load_sweep(path)
     metric, goal = config["metric"]["name"], config["metric"].get("goal", "minimize")
     params = list(config["parameters"])
-    out = Path(out_dir or Path("runs") / "sweeps" / Path(path).stem)
+    out = Path(out_dir or Path(root or "runs") / "sweeps" / Path(path).stem)
+    extra = [] if root is None else [f"--trainer.default_root_dir={root}"]
     summary_path = out / "summary.csv"
     rows = [r for r in read_summary(summary_path) if r["state"] == "finished"]  # failed trials are retried
     for row in rows:
@@ -122,12 +145,14 @@ def run_sweep(path: str | os.PathLike, count: int, overlays: Sequence[str] = (),
         trial = max([r["trial"] for r in rows], default=-1) + 1
         print(f"dynlab sweep: trial {trial}: {values}", flush=True)
         start = time.perf_counter()
-        proc = subprocess.run(trial_command(config, values, overlays), cwd=cwd, text=True, capture_output=True)
+        proc = subprocess.run([*trial_command(config, values, overlays), *extra], cwd=cwd, text=True,
+                              capture_output=True)
         wall = time.perf_counter() - start
         run_dir, value, state = "", math.nan, "failed"
         if proc.returncode == 0:
             line = next(x for x in proc.stdout.splitlines() if x.startswith("dynlab: run directory: "))
             run_dir = line.removeprefix("dynlab: run directory: ").split()[0]
+            check_metric_logged(Path(cwd or ".") / run_dir, metric, path)
             value, state = last_value(Path(cwd or ".") / run_dir, metric), "finished"
         else:
             print(proc.stderr[-2000:], file=sys.stderr)

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 
 import pytest
+import torch
 
 from dynlab.cli import main
 from tests.conftest import CONFIGS, run_dynlab
@@ -19,8 +21,8 @@ def write_rows(path: Path, rows: list) -> Path:
     return path
 
 
-def fit_args(source: Path, *extra: str) -> list[str]:
-    return ["fit", "--config", str(CONFIGS / "sft.yaml"), "--config", str(CONFIGS / "tiny.yaml"),
+def fit_args(source: Path, *extra: str, stage: str = "sft") -> list[str]:
+    return ["fit", "--config", str(CONFIGS / f"{stage}.yaml"), "--config", str(CONFIGS / "tiny.yaml"),
             f"--data.init_args.source={source}", "--data.init_args.num_train=3", "--data.init_args.num_heldout=2",
             "--data.init_args.probe_size=2", *extra]
 
@@ -81,3 +83,114 @@ def test_cli_exit_code_and_one_line_from_a_real_process(tmp_path):
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines()[-1].startswith(f"dynlab: error: {data}: row 2: field 'chosen'")
     assert "Traceback" not in proc.stderr and not (tmp_path / "runs").exists()
+
+
+# ---- values refused before the run starts (each gave a traceback and a run directory, or was silently taken) ----
+M, D = "--model.init_args.", "--data.init_args."
+BAD_VALUES = {  # extra args, stage, what the line must name
+    "negative_lr": ([f"{M}optimizer.init_args.lr=-1"], "sft", "field 'model.optimizer'"),
+    "batch_size_0": ([f"{D}batch_size=0"], "sft", "field 'data.batch_size'"),
+    "negative_batch_size": ([f"{D}batch_size=-2"], "sft", "field 'data.batch_size'"),
+    "probe_batch_size_0": ([f"{D}probe_batch_size=0"], "sft", "field 'data.probe_batch_size'"),
+    "beta_0": ([f"{M}beta=0"], "dpo", "field 'model.beta'"),
+    "negative_beta": ([f"{M}beta=-0.1"], "dpo", "field 'model.beta'"),
+    "label_smoothing_half": ([f"{M}label_smoothing=0.5"], "dpo", "field 'model.label_smoothing'"),
+    "negative_label_smoothing": ([f"{M}label_smoothing=-0.1"], "dpo", "field 'model.label_smoothing'"),
+    "label_smoothing_with_ipo": ([f"{M}label_smoothing=0.1", f"{M}loss_type=ipo"], "dpo", "'sigmoid'"),
+    "probe_chunk_tokens_0": ([f"{M}probe_chunk_tokens=0"], "sft", "field 'model.probe_chunk_tokens'"),
+    "logp_chunk_tokens_0": ([f"{M}logp_chunk_tokens=0"], "sft", "field 'model.logp_chunk_tokens'"),
+    "negative_probe_every_n_steps": ([f"{M}probe_every_n_steps=-1"], "sft", "field 'model.probe_every_n_steps'"),
+    "num_train_0": ([f"{D}num_train=0"], "sft", "field 'data.num_train'"),
+    "negative_num_train": ([f"{D}num_train=-1"], "sft", "field 'data.num_train'"),
+    "num_heldout_0": ([f"{D}num_heldout=0"], "sft", "field 'data.num_heldout'"),
+    "probe_size_0": ([f"{D}probe_size=0"], "sft", "probe_every_n_steps=0"),
+    "max_length_1": ([f"{D}max_length=1"], "sft", "field 'data.max_length'"),
+    "chosen_initial_max_tokens_0": ([f"{D}chosen_initial_max_tokens=0"], "sft",
+                                    "field 'data.chosen_initial_max_tokens'"),
+    "negative_num_workers": ([f"{D}num_workers=-1"], "sft", "field 'data.num_workers'"),
+}
+
+
+@pytest.mark.parametrize("case", BAD_VALUES)
+def test_bad_value(case, in_tmp, capsys):
+    extra, stage, named = BAD_VALUES[case]
+    line = fails_with(capsys, fit_args(write_rows(in_tmp / "p.jsonl", [GOOD] * 5), *extra, stage=stage))
+    assert line.startswith("dynlab: error: ") and named in line, line
+
+
+def bad_checkpoints(root: Path) -> dict[str, tuple[Path, str]]:
+    """Files that are not a usable checkpoint, and what the refusal must say."""
+    root.mkdir()
+    text = root / "text.ckpt"
+    text.write_text("not a checkpoint\n")
+    torch.save({"state_dict": {"policy.x": torch.zeros(64, 64)}}, whole := root / "whole.ckpt")
+    truncated = root / "truncated.ckpt"
+    truncated.write_bytes(whole.read_bytes()[: whole.stat().st_size // 2])
+    torch.save({"weights": torch.zeros(2)}, other := root / "other.ckpt")
+    (data := root / "prefs.jsonl").write_text(json.dumps(GOOD) + "\n")
+    return {"missing": (root / "missing.ckpt", "no such"), "text": (text, "not a PyTorch checkpoint"),
+            "truncated": (truncated, "not a PyTorch checkpoint"), "data_file": (data, "not a PyTorch checkpoint"),
+            "not_lightning": (other, "not a Lightning checkpoint")}
+
+
+@pytest.mark.parametrize("case", ["missing", "text", "truncated", "not_lightning"])
+def test_bad_ckpt_path(case, in_tmp, capsys):
+    path, says = bad_checkpoints(in_tmp / "ckpts")[case]
+    line = fails_with(capsys, fit_args(write_rows(in_tmp / "p.jsonl", [GOOD] * 5), f"--ckpt_path={path}"))
+    assert str(path) in line and "field 'ckpt_path'" in line and says in line, line
+
+
+@pytest.mark.parametrize("case", ["text", "truncated", "data_file", "not_lightning", "directory"])
+def test_bad_init_from(case, in_tmp, capsys):
+    if case == "directory":  # a directory that holds no model
+        (path := in_tmp / "not_a_model").mkdir()
+        says = "no config.json"
+    else:
+        path, says = bad_checkpoints(in_tmp / "ckpts")[case]
+    line = fails_with(capsys, fit_args(write_rows(in_tmp / "p.jsonl", [GOOD] * 5), f"{M}init_from={path}"))
+    assert str(path) in line and "field 'model.init_from'" in line and says in line, line
+
+
+def test_probe_size_larger_than_the_data_is_said(caplog):
+    from dynlab.data.datamodule import ProbeDataModule
+    from dynlab.models.load import tiny_tokenizer
+
+    dm = ProbeDataModule(num_train=3, num_heldout=2, probe_size=5)
+    with caplog.at_level(logging.WARNING, logger="dynlab.data.datamodule"):
+        sets = dm.build_probe_sets(tiny_tokenizer())
+    said = [r.getMessage() for r in caplog.records if "probe_size" in r.getMessage()]
+    assert len(said) == 1 and "5" in said[0] and "probe_train 3" in said[0] and "probe_test 2" in said[0], said
+    assert [len(sets["train"]), len(sets["test"])] == [3, 2]
+
+
+# ---- configuration errors: the reason first, on one line, not 60-75 lines of usage --------------------------------
+CONFIG_ERRORS = {  # extra args (FILE: a config file with that text), what the line must say
+    "unknown_key": ([f"{M}bogus=1"], ["model.bogus", "no such option", "--help"]),
+    "unknown_key_in_a_file": (["FILE:trainer:\n  bogus: 1\n"], ["trainer.bogus", "no such option"]),
+    "wrong_type": ([f"{D}batch_size=abc"], ["data.batch_size", "expected int", "'abc'"]),
+    "bad_literal": ([f"{D}format=xml"], ["data.format", "'auto', 'hh', 'chat', 'flat', 'probe'", "'xml'"]),
+    "bad_nested_literal": ([f"{M}policy.dtype=float8"], ["model.policy.dtype", "'float32', 'bfloat16'", "'float8'"]),
+    "bad_yaml": (["FILE:model: [\n"], ["bad.yaml", "not valid YAML", "line 2"]),
+    "empty_config": (["FILE:"], ["bad.yaml", "empty"]),
+    "config_not_a_mapping": (["FILE:[1, 2]\n"], ["bad.yaml", "mapping"]),
+    "missing_config": (["--config=nope.yaml"], ["nope.yaml", "no such config file"]),
+}
+
+
+@pytest.mark.parametrize("case", CONFIG_ERRORS)
+def test_config_error_is_one_line(case, in_tmp, capsys):
+    extra, says = CONFIG_ERRORS[case]
+    args = []
+    for arg in extra:
+        if arg.startswith("FILE:"):
+            (in_tmp / "bad.yaml").write_text(arg.removeprefix("FILE:"))
+            arg = f"--config={in_tmp / 'bad.yaml'}"
+        args.append(arg)
+    line = fails_with(capsys, fit_args(write_rows(in_tmp / "p.jsonl", [GOOD] * 5), *args))
+    assert line.startswith("dynlab: error: ") and all(s in line for s in says), line
+
+
+def test_help_still_prints_the_usage(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(["fit", "--help"])
+    assert exit_.value.code == 0 and "--model.help" in capsys.readouterr().out

@@ -4,20 +4,38 @@ generating with the tiny random-init Llama."""
 
 from __future__ import annotations
 
+import base64
 import copy
 import json
+import logging
+import socket
 import threading
 import time
+import traceback
 from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 import torch
 
-from dynlab.chat import ChatEndpoint, LocalChatModel, backend_from_spec
-from dynlab.errors import InputError
+from dynlab.chat import ChatEndpoint, ChatEndpointError, LocalChatModel, backend_from_spec
+from dynlab.errors import InputError, redact
 
 KEY = "sk-test-5ecret-d0-not-leak"
+URL_SECRET = "SECRETKEY"  # the password part of a URL's userinfo
+
+
+def closed_port() -> int:
+    """A loopback port nothing listens on (bound once, then released)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def leaked(err: BaseException, *texts: str) -> list[str]:
+    """Which of ``texts`` appear in the exception's message, repr or whole formatted traceback (chain included)."""
+    shown = str(err) + repr(err) + "".join(traceback.format_exception(err))
+    return [t for t in texts if t in shown]
 
 
 class ChatServer:
@@ -202,6 +220,61 @@ def test_the_key_is_in_no_repr_and_no_error(monkeypatch):
     assert all(headers["authorization"] == f"Bearer {KEY}" for _, headers, _ in server.requests)
 
 
+def test_url_credentials_become_basic_auth_and_appear_nowhere(monkeypatch):
+    monkeypatch.delenv("MY_KEY", raising=False)
+    with ChatServer() as server:
+        url = f"http://user:{URL_SECRET}@127.0.0.1:{server.port}/v1"
+        endpoint = ChatEndpoint(url, "m", api_key_env="MY_KEY")
+        assert endpoint.url == server.base_url + "/chat/completions"
+        assert URL_SECRET not in repr(endpoint) + endpoint.url
+        assert endpoint.complete(MESSAGES) == "Hello from the server."  # urllib cannot reach a host with userinfo
+        monkeypatch.setenv("MY_KEY", KEY)
+        endpoint.complete(MESSAGES)
+    basic = base64.b64encode(f"user:{URL_SECRET}".encode()).decode()
+    assert [h["authorization"] for _, h, _ in server.requests] == [f"Basic {basic}", f"Bearer {KEY}"]
+
+
+def test_a_failing_endpoint_with_url_credentials_and_a_key_leaks_neither(monkeypatch, capsys, caplog):
+    monkeypatch.setenv("MY_KEY", KEY)
+    caplog.set_level(logging.DEBUG)
+    spec = f"openai:http://user:{URL_SECRET}@127.0.0.1:{closed_port()}/v1@m#MY_KEY"
+    backend = backend_from_spec(spec)
+    backend.retries, backend.backoff = 1, 0
+    with pytest.raises(ChatEndpointError, match=r"after 2 attempt\(s\)") as err:
+        backend.complete(MESSAGES)
+    assert "127.0.0.1" in str(err.value) and leaked(err.value, URL_SECRET, KEY) == []
+    with pytest.raises(InputError) as bad:  # an error that names the spec redacts it
+        backend_from_spec(spec.replace("http://", "ftp://"))
+    assert "ftp://***@127.0.0.1" in str(bad.value) and leaked(bad.value, URL_SECRET) == []
+    printed = capsys.readouterr()
+    assert URL_SECRET not in printed.out + printed.err + caplog.text and KEY not in printed.out + printed.err
+
+
+@pytest.mark.parametrize(("text", "expected"), [
+    ("https://user:SECRETKEY@host/v1 failed", "https://***@host/v1 failed"),
+    ("openai:http://TOKEN@10.0.0.1:8000/v1@m#ENV", "openai:http://***@10.0.0.1:8000/v1@m#ENV"),
+    ("GET /v1?api_key=SECRETKEY&page=2", "GET /v1?api_key=***&page=2"),
+    ("token=SECRETKEY password=SECRETKEY", "token=*** password=***"),
+    ("Authorization: Bearer SECRETKEY-0123", "Authorization: Bearer ***"),
+    ("{'Authorization': 'Basic dXNlcjpTRUNSRVRLRVk='}", "{'Authorization': 'Basic ***'}"),
+    (f"the key {KEY} was refused", "the key sk-*** was refused"),
+    ("hf_abcdefghijklmnopqrstuvwxyz0123", "hf_***"),
+    # not credentials: left as they are
+    ("http://127.0.0.1:8000/v1@m", "http://127.0.0.1:8000/v1@m"),
+    ("max_new_tokens=5, a basic task-specific question, api_key_env=MY_KEY", None),
+])
+def test_redact(text, expected):
+    assert redact(text) == (text if expected is None else expected)
+    assert redact(redact(text)) == redact(text)
+
+
+def test_input_errors_are_redacted():
+    err = InputError("cannot reach https://u:SECRETKEY@h/x", file="s3://u:SECRETKEY@bucket/f",
+                     field="api_key=SECRETKEY")
+    assert "SECRETKEY" not in str(err) + (err.file or "") + (err.field or "") + err.message
+    assert str(err) == "s3://***@bucket/f: field 'api_key=***': cannot reach https://***@h/x"
+
+
 def test_backend_from_spec_builds_a_working_endpoint(monkeypatch):
     monkeypatch.setenv("MY_KEY", KEY)
     with ChatServer() as server:
@@ -216,8 +289,8 @@ def test_backend_from_spec_builds_a_working_endpoint(monkeypatch):
 
 def test_backend_from_spec_defaults_and_at_signs_in_the_url():
     backend = backend_from_spec("openai:https://user@example.org/v1@org/model-7b")
-    assert (backend.url, backend.model, backend.api_key_env) == (
-        "https://user@example.org/v1/chat/completions", "org/model-7b", "OPENAI_API_KEY")
+    assert (backend.url, backend.model, backend.api_key_env) == (  # the userinfo is taken out of the URL
+        "https://example.org/v1/chat/completions", "org/model-7b", "OPENAI_API_KEY")
 
 
 @pytest.mark.parametrize("spec", ["", "tiny", "openai", "openai:http://127.0.0.1:8000/v1", "hf:", "vllm:http://x@m",
@@ -227,7 +300,7 @@ def test_a_bad_spec_is_an_input_error(spec):
     with pytest.raises(InputError) as err:
         backend_from_spec(spec)
     message = str(err.value)
-    assert "\n" not in message and "openai:BASE_URL@MODEL" in message and spec in message
+    assert "\n" not in message and "openai:BASE_URL@MODEL" in message and redact(spec) in message
 
 
 def test_local_chat_model_generates_deterministically(one_thread):

@@ -332,3 +332,78 @@ def test_hub_with_default_settings_fails_fast_for_a_missing_dataset(monkeypatch:
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
     monkeypatch.delenv("HF_DATASETS_OFFLINE", raising=False)
     _fails_fast("dynlab-test/no-such-dataset", 10)
+
+
+# --- errors name the field, line and file that are really wrong ------------------------------------------------------
+
+
+@pytest.mark.parametrize("rejected", [_chat(("user", "Hi"), ("assistant", "No")), []])
+def test_a_list_valued_rejected_beside_a_string_chosen_names_rejected(rejected: list) -> None:
+    for raw in ({**FLAT, "rejected": rejected}, {"chosen": "\n\nHuman: Hi\n\nAssistant: Hello", "rejected": rejected}):
+        with pytest.raises(InputError, match="'chosen' is a string") as info:
+            parse_row(raw, file="f.jsonl", row=2)
+        assert (info.value.row, info.value.field) == (2, "rejected")
+
+
+def test_a_row_without_prompt_or_hh_transcript_says_the_prompt_is_missing() -> None:
+    with pytest.raises(InputError, match="missing field") as info:
+        parse_row({"chosen": " Hello!", "rejected": " Go away."}, file="f.jsonl", row=4)
+    assert (info.value.row, info.value.field) == (4, "prompt")
+    with pytest.raises(InputError, match="missing field") as info:
+        parse_row({"chosen": " Hello!"}, file="f.jsonl", row=4)
+    assert info.value.field == "prompt"
+    with pytest.raises(InputError, match="missing field") as info:  # a probe row needs its prompt too
+        parse_row({"chosen": " Hello!", "irr_test": " Other."}, file="f.jsonl", row=5)
+    assert (info.value.row, info.value.field) == (5, "prompt")
+
+
+def test_a_local_directory_says_what_it_holds_not_the_hub(tmp_path: Path) -> None:
+    (tmp_path / "notes.txt").write_text("not rows")
+    with pytest.raises(InputError) as info:
+        load_rows(str(tmp_path))
+    message = str(info.value)
+    assert "Hugging Face hub" not in message and "no .jsonl/.json/.parquet data files" in message
+    assert "notes.txt" in message and info.value.file == str(tmp_path)
+    _write_jsonl(tmp_path / "rows.jsonl", [json.dumps(FLAT)])
+    assert load_rows(str(tmp_path)) == [FLAT]  # a directory of data files loads
+    with pytest.raises(InputError, match="local directory") as info:
+        load_rows(str(tmp_path), split="test")
+    assert "Hugging Face hub" not in str(info.value) and "rows.jsonl" in str(info.value)
+
+
+@pytest.mark.parametrize("name", ["rows.jsonl", "rows.jsonl.gz"])
+def test_invalid_utf8_names_the_line(tmp_path: Path, name: str) -> None:
+    data = (json.dumps(FLAT) + "\n\n" + json.dumps(FLAT)[:-2]).encode() + b'\xff"}\n'
+    path = tmp_path / name
+    path.write_bytes(gzip.compress(data) if name.endswith(".gz") else data)
+    with pytest.raises(InputError, match="not valid UTF-8") as info:
+        load_rows(str(path))
+    assert (info.value.file, info.value.row) == (str(path), 3) and "\n" not in str(info.value)
+    (tmp_path / "rows.json").write_bytes(b"[" + json.dumps(FLAT).encode() + b",\n" + data.splitlines()[-1] + b"]")
+    with pytest.raises(InputError, match="line 2"):
+        load_rows(str(tmp_path / "rows.json"))
+
+
+def test_parquet_is_recognised_by_its_magic_bytes_whatever_its_name(tmp_path: Path) -> None:
+    import pyarrow
+    import pyarrow.parquet
+
+    for name in ("rows.jsonl", "rows.json", "rows.data"):
+        pyarrow.parquet.write_table(pyarrow.Table.from_pylist([FLAT]), tmp_path / name)
+        assert load_rows(str(tmp_path / name)) == [FLAT]
+
+
+@pytest.mark.parametrize(("line", "field"), [
+    ('{"prompt": "P", "chosen": " a", "rejected": " b", "chosen": " c"}', "chosen"),
+    ('{"chosen": [{"role": "user", "content": "x", "content": "y"}, {"role": "assistant", "content": "a"}], '
+     '"rejected": [{"role": "user", "content": "y"}, {"role": "assistant", "content": "b"}]}', "chosen[0].content"),
+])
+def test_a_repeated_key_is_an_error_naming_file_row_and_key(tmp_path: Path, line: str, field: str) -> None:
+    jsonl = _write_jsonl(tmp_path / "rows.jsonl", [json.dumps(FLAT), "", line])
+    with pytest.raises(InputError, match="appears twice") as info:
+        load_rows(str(jsonl))
+    assert (info.value.file, info.value.row, info.value.field) == (str(jsonl), 3, field)
+    (tmp_path / "rows.json").write_text(f"[{json.dumps(FLAT)}, {line}]")
+    with pytest.raises(InputError, match="appears twice") as info:
+        load_rows(str(tmp_path / "rows.json"))
+    assert (info.value.row, info.value.field) == (2, field)

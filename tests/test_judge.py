@@ -5,6 +5,7 @@ chat LM read from its next-token logits and a sequence-classification reward mod
 from __future__ import annotations
 
 import json
+import logging
 import re
 from pathlib import Path
 
@@ -33,7 +34,7 @@ from dynlab.evaluation.judge import (
 )
 from dynlab.models.load import tiny_tokenizer
 from dynlab.tracking.trajectory import write_jsonl
-from tests.test_chat import KEY, ChatServer, one_thread  # noqa: F401 - one_thread: a fixture used by name
+from tests.test_chat import KEY, URL_SECRET, ChatServer, closed_port, one_thread  # noqa: F401 - a fixture
 
 PROMPTS = [f"\n\nHuman: Question number {i}?\n\nAssistant:" for i in range(5)]
 
@@ -150,6 +151,8 @@ def test_display_prompt_and_messages():
 def test_redact_hides_url_credentials():
     assert redact("openai:https://user:pw@example.org/v1@m#MY_KEY") == "openai:https://***@example.org/v1@m#MY_KEY"
     assert redact("openai:http://127.0.0.1:8/v1@m") == "openai:http://127.0.0.1:8/v1@m"
+    assert redact("openai:http://127.0.0.1:8000@m") == "openai:http://127.0.0.1:8000@m"  # no path: @m is the model
+    assert redact("openai:https://h/v1?api_key=pw@m") == "openai:https://h/v1?api_key=***@m"
 
 
 # --- responses and pairing ------------------------------------------------------------------------------------------
@@ -216,6 +219,21 @@ def test_http_judge_asks_both_orders_sends_the_key_and_writes_it_nowhere(in_tmp,
             assert KEY not in path.read_text(encoding="utf-8", errors="replace"), path
     printed = capsys.readouterr()
     assert KEY not in printed.out + printed.err
+
+
+def test_a_failing_judge_prints_one_line_without_its_credentials(in_tmp, capsys, caplog, monkeypatch):
+    monkeypatch.setenv("JUDGE_KEY", KEY)
+    caplog.set_level(logging.DEBUG)
+    generation_file("a.jsonl", ["x"] * 2, "a")
+    generation_file("b.jsonl", ["y"] * 2, "b")
+    spec = f"openai:http://user:{URL_SECRET}@127.0.0.1:{closed_port()}/v1@m#JUDGE_KEY"
+    with pytest.raises(SystemExit) as exit_:
+        main(["judge", "a.jsonl", "b.jsonl", "--judge", spec, "--retries", "0", "--out", "judged"])
+    assert exit_.value.code == 2
+    printed = capsys.readouterr()
+    [line] = printed.err.strip().splitlines()
+    assert "the judge failed" in line and "http://127.0.0.1:" in line
+    assert all(secret not in printed.out + printed.err + caplog.text for secret in (URL_SECRET, KEY))
 
 
 def test_http_judge_retries_a_500(in_tmp, capsys):

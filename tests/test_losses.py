@@ -150,6 +150,25 @@ def test_sft_loss_reductions_hand_worked():
     torch.testing.assert_close(logps.grad, torch.tensor([-1 / 6, -1 / 6, -1 / 6, -1 / 2]))
 
 
+def test_sft_sequence_sum_is_the_papers_objective_hand_worked():
+    # sequences 0, 1, 2 hold tokens {-1, -2}, {-3}, {-4}; sequence 3 has none (it still counts in B = 4)
+    logps = torch.tensor([-1.0, -2.0, -3.0, -4.0], requires_grad=True)
+    seq_index = torch.tensor([0, 0, 1, 2])
+    loss = sft_loss(logps, seq_index, 4, reduction="sequence_sum")  # (3 + 3 + 4 + 0) / 4
+    assert loss.item() == 2.5
+    loss.backward()
+    torch.testing.assert_close(logps.grad, torch.full((4,), -0.25))  # every token weighs 1/B
+    # = token_mean (10 / 4 tokens here) times N / B, a factor that changes with the batch
+    assert sft_loss(logps, seq_index, 2, reduction="sequence_sum").item() == 5.0
+    assert sft_loss(logps, seq_index, 2, reduction="token_mean").item() == 2.5
+    # the original code: losses = -(per_token_logps * loss_mask).sum(-1) per row, then losses.mean()
+    per_token = torch.tensor([[-1.0, -2.0], [-3.0, 0.0], [-4.0, 0.0], [0.0, 0.0]])
+    mask = torch.tensor([[1.0, 1.0], [1.0, 0.0], [1.0, 0.0], [0.0, 0.0]])
+    assert (-(per_token * mask).sum(-1)).mean().item() == 2.5
+    with pytest.raises(ValueError, match="num_seqs"):
+        sft_loss(logps, seq_index, reduction="sequence_sum")
+
+
 def test_sft_loss_no_tokens_is_zero_and_errors():
     empty = torch.zeros(0, requires_grad=True)
     loss = sft_loss(empty)

@@ -72,8 +72,11 @@ def test_token_stats_keep_relative_precision_over_a_real_vocabulary():
     z = logits.double()
     logpi = z.log_softmax(-1)
     pi = logpi.exp()
+    # torch.log_softmax in float32 is 1.9e-5 off in absolute terms here (torch 2.13, CPU): peakiness was 3e-5 off
     want = {"entropy": -(pi * logpi).sum(-1), "peakiness": (pi * pi).sum(-1),
-            "p_e": torch.linalg.vector_norm(pi - torch.nn.functional.one_hot(targets, 49152), dim=-1)}
+            "p_e": torch.linalg.vector_norm(pi - torch.nn.functional.one_hot(targets, 49152), dim=-1),
+            "logp": logpi.gather(1, targets[:, None]).squeeze(1), "argmax_logp": logpi.max(-1).values,
+            "except_argmax_logp": torch.log1p(-pi.max(-1).values)}
     for name, value in want.items():
         assert ((got[name].double() - value).abs() / value.abs()).max() < 2e-5, name
 
@@ -93,6 +96,16 @@ def test_except_argmax_logp_finite_when_max_prob_rounds_to_one():
     torch.testing.assert_close(stats["except_argmax_logp"][0], torch.tensor(-48.90138771133189))
     torch.testing.assert_close(stats["except_argmax_logp"][1], torch.tensor(math.log(3.0) - 80.0))
     assert torch.isfinite(torch.stack(list(stats.values()))).all()
+
+
+def test_except_argmax_logp_keeps_relative_precision_when_max_prob_is_tiny():
+    # near-uniform over 49k tokens: log(1 - max pi) ~ -max pi ~ -1.5e-4, which a float32 logsumexp off the argmax
+    # resolves only to ~1e-7 absolute (3e-4 relative here); log1p(-max pi) in float64 keeps it
+    logits = torch.zeros(3, 49152)
+    logits[:, 7] = torch.tensor([2.0, 0.5, 0.0])
+    got = token_stats(logits, torch.tensor([0, 1, 2]))["except_argmax_logp"].double()
+    want = torch.log1p(-torch.softmax(logits.double(), -1).max(-1).values)
+    assert ((got - want).abs() / want.abs()).max() < 1e-6
 
 
 def test_uniform_and_one_hot_extremes():
@@ -146,6 +159,28 @@ def test_sequence_stats_sums_and_means():
         torch.testing.assert_close(seq[name], torch.stack([v[:3].mean(), v[5], v[3:5].mean(), torch.tensor(0.0)]))
     with pytest.raises(ValueError, match="unknown token statistic"):
         sequence_stats({"perplexity": tok["logp"]}, seq_index, 4)
+
+
+def test_paper_a_norm_matches_float64_reference():
+    # the original code's A_o per sequence: sqrt(V * (mean_m ||pi_m||_2)^2 + V - 2), from the float64 softmax
+    logits, targets = random_logits(n=9, vocab=40, scale=4.0, seed=5)
+    seq_index = torch.tensor([0, 0, 0, 0, 1, 3, 3, 3, 3])  # sequence 2 has no tokens
+    tok = token_stats(logits, targets)
+    paper = sequence_stats(tok, seq_index, 4, a_norm="paper", vocab_size=40)
+    ours = sequence_stats(tok, seq_index, 4)
+    norms = torch.linalg.vector_norm(torch.softmax(logits.double(), -1), dim=-1)  # (N,) ||pi_m||_2
+    want = [math.sqrt(40 * norms[rows].mean().item() ** 2 + 38) for rows in (slice(0, 4), slice(4, 5), slice(5, 9))]
+    torch.testing.assert_close(paper["a_norm"][[0, 1, 3]].double(), torch.tensor(want, dtype=torch.float64),
+                               rtol=1e-6, atol=0)
+    assert paper["a_norm"][2].item() == 0.0  # no tokens: 0, like every metric (the original code gives NaN)
+    # dynlab's mean of per-token norms is >= the paper's (Jensen), equal for a single token
+    assert (ours["a_norm"][[0, 3]] > paper["a_norm"][[0, 3]]).all()
+    torch.testing.assert_close(ours["a_norm"][1], paper["a_norm"][1])
+    assert all(torch.equal(paper[k], ours[k]) for k in ours if k != "a_norm")
+    with pytest.raises(ValueError, match="vocab_size"):
+        sequence_stats(tok, seq_index, 4, a_norm="paper")
+    with pytest.raises(ValueError, match="a_norm"):
+        sequence_stats(tok, seq_index, 4, a_norm="mean")
 
 
 def test_doctests():

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from torch import Tensor
 from transformers import AutoModelForCausalLM
 
 from dynlab.cli import main
@@ -71,19 +72,115 @@ def test_extend_sft_hands_off_to_dpo_through_init_from(in_tmp):
     assert exported is not None
 
 
-def test_cached_reference_logps_match_the_live_reference(in_tmp):
-    live = read_metrics(fit("dpo", "--trainer.max_steps=2"))
-    cached = read_metrics(fit("dpo", "--trainer.max_steps=2", "--model.init_args.precompute_ref_logps=true"))
-    for key in ("train/loss", "train/rewards/margin"):
+def test_cached_reference_logps_are_the_live_reference_through_the_first_epoch(in_tmp):
+    # 8 pairs a batch: the tiny model's per-sequence log-probs then depend on the batch they are computed in
+    # (a cache built on ordered batches gave a step-0 reward margin of 7.6e-7, not 0)
+    args = ("--trainer.max_steps=8", "--trainer.log_every_n_steps=1", "--model.init_args.probe_every_n_steps=0",
+            "--data.init_args.num_train=64", "--data.init_args.batch_size=8")  # 8 steps = the first epoch
+    live = read_metrics(fit("dpo", *args))
+    cached = read_metrics(fit("dpo", *args, "--model.init_args.precompute_ref_logps=true"))
+    step0 = next(r for r in cached if "train/loss" in r)
+    assert step0["train/loss"] == float(torch.tensor(math.log(2)))  # policy = reference: logit exactly 0
+    assert step0["train/rewards/chosen"] == step0["train/rewards/rejected"] == 0.0
+    for key in ("train/loss", "train/rewards/margin", "train/rewards/chosen"):
         a = [r[key] for r in live if key in r]
         b = [r[key] for r in cached if key in r]
-        assert a == pytest.approx(b, rel=1e-4, abs=1e-6)
+        assert len(a) == 8 and a == b  # bitwise: the cache holds what the live reference computes on these batches
 
 
 @pytest.mark.parametrize("loss_type", ["ipo", "hinge"])
 def test_dpo_loss_variants_fit(loss_type, in_tmp):
     rows = read_metrics(fit("dpo", "--trainer.max_steps=2", f"--model.init_args.loss_type={loss_type}"))
     assert all(math.isfinite(r["train/loss"]) for r in rows if "train/loss" in r)
+
+
+@pytest.mark.parametrize("reduction", ["token_mean", "sequence_mean", "sequence_sum", "sum"])
+def test_sft_reductions_over_two_ranks_give_one_process_gradient(reduction, tiny_spec):
+    """Two DDP ranks, simulated (each rank's training_step with its rescaling, the gradients averaged as DDP does),
+    give the gradient of one process on the whole batch, also when the ranks hold 3 and 1 sequences."""
+    from types import SimpleNamespace
+
+    from dynlab.data.tokenize import collate_sequences
+    from dynlab.modules import SFTModule
+
+    module = SFTModule(policy=tiny_spec, reduction=reduction)
+    module.log = lambda *args, **kwargs: None
+    gen = torch.Generator().manual_seed(0)
+    vocab = module.policy.config.vocab_size
+    rows = [(torch.randint(vocab, (p,), generator=gen).tolist(), torch.randint(vocab, (r,), generator=gen).tolist())
+            for p, r in ((3, 4), (5, 1), (2, 6), (4, 3))]
+
+    def grads(part: list, world: int, reduce) -> list[Tensor]:
+        module._trainer = SimpleNamespace(world_size=world, strategy=SimpleNamespace(reduce=reduce))
+        module.policy.zero_grad()
+        batch = collate_sequences([p for p, _ in part], [r for _, r in part], pad_token_id=0)
+        module.training_step(batch, 0).backward()
+        return [q.grad.clone() for q in module.policy.parameters()]
+
+    one = grads(rows, 1, None)
+    shards = (rows[:3], rows[3:])
+    local: list[Tensor] = []  # what each rank hands to strategy.reduce: the sum over ranks is the reduce's answer
+    for shard in shards:
+        grads(shard, 2, lambda t, reduce_op: local.append(t.clone()) or t)
+    total = sum(local) if local else None
+    per_rank = [grads(shard, 2, lambda t, reduce_op: total.clone()) for shard in shards]
+    ddp = torch.cat([(a + b).flatten() / 2 for a, b in zip(*per_rank)])
+    assert torch.linalg.vector_norm(ddp - torch.cat([g.flatten() for g in one])) < 1e-5 * torch.linalg.vector_norm(ddp)
+
+
+@pytest.mark.parametrize("a_norm", ["token_mean", "paper"])
+def test_probe_a_norm_flag_gives_the_papers_a_o(a_norm, tiny_spec):
+    """``a_norm: paper`` makes the probe metric the original code's A_o, here against a float64 reference from one
+    plain forward of prompt + response; the default stays the mean of the per-token norms."""
+    from types import SimpleNamespace
+
+    from dynlab.data.tokenize import collate_probes
+    from dynlab.modules import SFTModule
+
+    module = SFTModule(policy=tiny_spec, a_norm=a_norm).eval()
+    with torch.no_grad():  # peakier predictions than a random init's near-uniform ones, so the definitions differ
+        module.policy.get_output_embeddings().weight.mul_(4.0)
+    gen = torch.Generator().manual_seed(1)
+    vocab = module.policy.config.vocab_size
+    prompt = torch.randint(vocab, (7,), generator=gen)
+    responses = {name: torch.randint(vocab, (n,), generator=gen) for name, n in (("chosen", 9), ("rejected", 4))}
+    rows = [{"index": 0, "prompt_ids": prompt.tolist(), "responses": {k: v.tolist() for k, v in responses.items()}}]
+    module.init_probe_state(SimpleNamespace(probe_types={"test": list(responses)}, probe_examples={"test": rows}))
+    got = module.probe_step("test", collate_probes(rows))
+    for name, ids in responses.items():
+        with torch.no_grad():
+            logits = module.policy(input_ids=torch.cat([prompt, ids])[None]).logits[0, len(prompt) - 1: -1]
+        norms = torch.linalg.vector_norm(torch.softmax(logits.double(), -1), dim=-1)  # (R,) ||pi_m||
+        want = (vocab * norms.mean() ** 2 + vocab - 2).sqrt() if a_norm == "paper" else \
+            (vocab - 2 + vocab * norms**2).sqrt().mean()
+        assert got[name]["a_norm"].item() == pytest.approx(want.item(), rel=1e-6), name
+        other = (vocab - 2 + vocab * norms**2).sqrt().mean() if a_norm == "paper" else \
+            (vocab * norms.mean() ** 2 + vocab - 2).sqrt()
+        assert abs(other / want - 1) > 1e-4  # the two definitions are apart by more than the tolerance
+
+
+def test_paper_configs_train_the_original_objective_and_warm_up(capsys):
+    import yaml
+
+    def init_args(stage: str) -> dict:
+        with pytest.raises(SystemExit):
+            main(["fit", "--config", str(CONFIGS / "paper" / f"{stage}.yaml"), "--print_config"])
+        return yaml.safe_load(capsys.readouterr().out)["model"]["init_args"]
+
+    for stage in ("sft", "extend_sft", "dpo"):
+        args = init_args(stage)
+        if stage == "dpo":  # the original preference_loss: sigmoid, no label smoothing
+            assert (args["loss_type"], args["beta"], args["label_smoothing"]) == ("sigmoid", 0.1, 0.0)
+        else:
+            assert args["reduction"] == "sequence_sum", stage
+        # the original warm-up: LambdaLR(min(1, (step + 1) / (150 + 1))), stepped once per optimizer step
+        sched = args["scheduler"]["init_args"]
+        opt = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0)
+        linear = torch.optim.lr_scheduler.LinearLR(opt, **sched)
+        for step in range(300):
+            assert opt.param_groups[0]["lr"] == pytest.approx(min(1.0, (step + 1) / 151), rel=1e-6), (stage, step)
+            opt.step()
+            linear.step()
 
 
 def test_validate_and_test_subcommands_score_probes(in_tmp, capsys):

@@ -144,3 +144,15 @@ def test_cli_plot_of_a_directory_without_a_trajectory_exits_2_with_one_line(runs
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("dynlab: error: ")
     assert str(empty) in err[0] and "no probe trajectory" in err[0]
+
+
+def test_every_probe_type_has_its_own_style():
+    from dynlab.data.probes import PROBE_TYPES
+    from dynlab.tracking.plots import FALLBACK_STYLE, STYLE
+
+    types = [*PROBE_TYPES, "argmax"]
+    assert set(types) <= set(STYLE)
+    colours = [STYLE[t][0] for t in types]
+    assert len(set(colours)) == len(colours)  # distinguishable by colour alone
+    assert len({STYLE[t][1:] for t in types if t.startswith("random")}) == 2  # and in greyscale: line and marker
+    assert FALLBACK_STYLE[0] not in colours

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import logging
+
 import pytest
 
-from dynlab.chat import ChatEndpoint, LocalChatModel
+from dynlab.chat import ChatEndpoint, LocalChatModel, backend_from_spec
 from dynlab.data.rephrase import INSTRUCTIONS, REPHRASE_TYPES, add_rephrases, clean_reply, rephrase_messages
-from tests.test_chat import ChatServer, one_thread  # noqa: F401 - one_thread: a fixture used by name
+from dynlab.errors import InputError
+from tests.test_chat import KEY, URL_SECRET, ChatServer, closed_port, leaked, one_thread  # noqa: F401 - a fixture
 
 ROWS = [
     {"prompt": "\n\nHuman: Say hi.\n\nAssistant:", "chosen": " Hi there!", "rejected": " No."},
@@ -50,6 +53,19 @@ def test_an_empty_reply_is_kept_and_warned_about(caplog):
         out = add_rephrases(ROWS[:1], ChatEndpoint(server.base_url, "m"), types=["chosen_gptformat"])
     assert out[0]["chosen_gptformat"] == ""
     assert "1 of 1 chosen_gptformat rephrases came back empty" in caplog.text
+
+
+def test_a_failing_rephraser_is_one_line_without_its_credentials(monkeypatch, capsys, caplog):
+    monkeypatch.setenv("REPHRASE_KEY", KEY)
+    caplog.set_level(logging.DEBUG)
+    backend = backend_from_spec(f"openai:http://user:{URL_SECRET}@127.0.0.1:{closed_port()}/v1@m#REPHRASE_KEY")
+    backend.retries = 0
+    with pytest.raises(InputError, match="the rephraser failed on chosen_gptformat") as err:
+        add_rephrases(ROWS, backend, types=["chosen_gptformat"])
+    assert err.value.field == "rephraser" and "\n" not in str(err.value) and "127.0.0.1" in str(err.value)
+    assert leaked(err.value, URL_SECRET, KEY) == [] and err.value.__cause__ is None
+    printed = capsys.readouterr()
+    assert all(secret not in printed.out + printed.err + caplog.text for secret in (URL_SECRET, KEY))
 
 
 def test_rephrase_messages_name_the_instruction_and_the_text():
@@ -103,3 +119,18 @@ def test_add_rephrases_with_the_tiny_local_model():
         assert all(row[t] == "" or row[t].startswith(" ") for t in REPHRASE_TYPES)
     assert out[1]["chosen_gptsemantic"] == " Already here."
     assert add_rephrases(ROWS, CountingLocalModel("tiny", seed=1), max_tokens=6) == out  # seeded
+
+
+def test_rephraser_credentials_are_written_nowhere_in_the_run(tmp_path):
+    # the synthetic set has every rephrase type, so the endpoint is never called: only the spec travels
+    from tests.conftest import CONFIGS, run_dynlab
+
+    spec = f"openai:http://user:{URL_SECRET}@127.0.0.1:{closed_port()}/v1@some-model"
+    proc = run_dynlab("fit", "--config", str(CONFIGS / "sft.yaml"), "--config", str(CONFIGS / "tiny.yaml"),
+                      f"--data.init_args.rephraser={spec}", "--trainer.max_steps=1", cwd=tmp_path, timeout=600,
+                      env={"WANDB_MODE": "offline"})
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    files = [p for p in (tmp_path / "runs").rglob("*") if p.is_file()]
+    assert any(p.name == "config.yaml" for p in files) and any(p.suffix == ".wandb" for p in files)
+    assert [p for p in files if URL_SECRET.encode() in p.read_bytes()] == []
+    assert URL_SECRET not in proc.stdout + proc.stderr

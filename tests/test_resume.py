@@ -4,13 +4,21 @@ file instead of adding duplicate rows (the paper's result files interleaved rest
 from __future__ import annotations
 
 import csv
+import os
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pandas as pd
+import pytest
+import torch
+from safetensors.torch import load_file
 
 from dynlab.cli import main
 from dynlab.tracking.trajectory import KEY_COLUMNS, read_trajectory
-from tests.conftest import CONFIGS
+from tests.conftest import CONFIGS, run_dynlab
 
 CSV_VERSION_0 = ('--trainer.logger=[{"class_path": "lightning.pytorch.loggers.CSVLogger", '
                  '"init_args": {"save_dir": "runs", "name": "dpo", "version": 0}}]')  # resume into the same directory
@@ -78,3 +86,83 @@ def test_a_job_killed_between_checkpoint_and_logging_loses_no_row(in_tmp, monkey
     assert sorted(int(r["step"]) for r in rows if r.get("train/loss")) == [0, 1, 2, 3, 4, 5]
     assert losses[2] == float(lost["train/loss"])
     assert [int(r["step"]) for r in rows if r.get("probe/train/logp/chosen")] == [0, 3, 6]
+
+
+# Exact resume at every checkpoint. The tiny overlay trains 4 steps per epoch (16 pairs, batch 4): a checkpoint at
+# step 6 falls mid-epoch, one at step 8 on an epoch boundary (written at that epoch's last batch, where Lightning's
+# saved epoch counter still names the finished epoch).
+TINY = ["fit", "--config", str(CONFIGS / "dpo.yaml"), "--config", str(CONFIGS / "tiny.yaml")]
+EXACT = [*TINY, "--trainer.max_steps=10", "--model.init_args.probe_every_n_steps=2"]
+RESUME_CASES = pytest.mark.parametrize("every", [6, 8], ids=["mid-epoch", "epoch-boundary"])
+
+
+def checkpoint_every(n: int) -> str:
+    return ('--trainer.callbacks=[{"class_path": "lightning.pytorch.callbacks.ModelCheckpoint", '
+            f'"init_args": {{"every_n_train_steps": {n}, "save_top_k": 0, "save_last": true}}}}]')
+
+
+def final_weights(run: Path) -> dict[str, torch.Tensor]:
+    return load_file(run / "export" / "model.safetensors")
+
+
+def step_rows(run: Path) -> dict[int, tuple[str, str]]:
+    """``{step: (train/loss, epoch)}`` as written, every step exactly once."""
+    with open(run / "metrics.csv") as f:
+        rows = [r for r in csv.DictReader(f) if r.get("train/loss")]
+    assert len({r["step"] for r in rows}) == len(rows)
+    return {int(r["step"]): (r["train/loss"], r["epoch"]) for r in rows}
+
+
+def assert_same_run(resumed: Path, uninterrupted: Path) -> None:
+    a, b = final_weights(resumed), final_weights(uninterrupted)
+    assert a.keys() == b.keys()
+    differ = [k for k in a if not torch.equal(a[k], b[k])]
+    assert not differ, f"{len(differ)} tensors differ, {differ[0]} by {(a[differ[0]] - b[differ[0]]).abs().max()}"
+    assert step_rows(resumed) == step_rows(uninterrupted)  # the same batches in the same epochs, bit for bit
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory) -> Path:
+    """A 10-step run that never stopped (the same checkpoint cadence does not change its numbers)."""
+    cwd = tmp_path_factory.mktemp("uninterrupted")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.chdir(cwd)
+        mp.setenv("DYNLAB_RUN_VERSION", "whole")
+        main([*EXACT, checkpoint_every(4)])
+    return cwd / "runs" / "dpo" / "whole"
+
+
+@pytest.mark.parametrize(("every", "workers"), [(6, 0), (8, 0), (6, 1)],
+                         ids=["mid-epoch", "epoch-boundary", "mid-epoch-with-a-worker"])
+def test_a_run_stopped_at_a_checkpoint_resumes_bitwise(in_tmp, monkeypatch, uninterrupted, every, workers):
+    # stopped by max_steps right after its checkpoint: the same checkpoint a kill leaves (test below). A DataLoader
+    # worker draws the first indices when the loader is made, before Lightning sets the resumed epoch.
+    monkeypatch.setenv("DYNLAB_RUN_VERSION", "stopped")
+    args = [*EXACT, checkpoint_every(every), f"--data.init_args.num_workers={workers}"]
+    main([*args, f"--trainer.max_steps={every}"])
+    main([*args, "--ckpt_path=last"])
+    assert_same_run(in_tmp / "runs" / "dpo" / "stopped", uninterrupted)
+
+
+@pytest.mark.slow
+@RESUME_CASES
+def test_a_run_killed_after_a_checkpoint_resumes_bitwise(in_tmp, uninterrupted, every):
+    run = in_tmp / "runs" / "dpo" / "killed"
+    env = {**os.environ, "DYNLAB_RUN_VERSION": "killed"}
+    proc = subprocess.Popen([sys.executable, "-m", "dynlab.cli", *EXACT, checkpoint_every(every)], cwd=in_tmp,
+                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        # the probe evaluation of a step comes after that step's checkpoint (callbacks run first); the next
+        # checkpoint would be at 2 * every > 10
+        deadline = time.monotonic() + 300
+        while not (run / "probes" / "trajectory" / f"step_{every:08d}.parquet").exists():
+            assert proc.poll() is None and time.monotonic() < deadline, proc.returncode
+            time.sleep(0.02)
+        proc.kill()
+    finally:
+        proc.wait()
+    assert proc.returncode == -signal.SIGKILL  # killed before it finished
+    assert not (run / "export").exists()
+    done = run_dynlab(*EXACT, checkpoint_every(every), "--ckpt_path=last", cwd=in_tmp, env=env)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert_same_run(run, uninterrupted)

@@ -10,7 +10,8 @@ import pytest
 import yaml
 
 from dynlab.cli import main
-from dynlab.sweep import trial_command
+from dynlab.errors import InputError
+from dynlab.sweep import check_metric_logged, trial_command
 from sweeps import schema_violations_from_proposed_config
 from tests.conftest import CONFIGS, REPO
 
@@ -82,3 +83,44 @@ def test_a_sweep_agent_runs_inside_a_slurm_allocation(in_tmp):
     script = Path("agent.sbatch").read_text()
     assert "#SBATCH --gpus-per-node=1" in script and "#SBATCH --requeue" in script
     assert script.strip().splitlines()[-1].endswith("-m dynlab.cli sweep sweeps/dpo_lr_epochs.yaml --count 8")
+
+
+@pytest.mark.parametrize("count", ["0", "-1"])
+def test_a_sweep_needs_at_least_one_trial(in_tmp, capsys, count):
+    with pytest.raises(SystemExit) as exit_:
+        main(["sweep", str(REPO / "sweeps" / "sft_lr_epochs.yaml"), "--count", count])
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--count" in err[0] and not Path("runs").exists()
+
+
+def test_a_metric_no_run_logs_is_refused_naming_the_close_ones(tmp_path):
+    (tmp_path / "metrics.csv").write_text("epoch,probe/test/logp/chosen,probe/test/logp/rejected,step\n0,1,2,0\n")
+    with pytest.raises(InputError) as err:
+        check_metric_logged(tmp_path, "probe/test/logp/chosn", "s.yaml")
+    message = str(err.value)
+    assert message.startswith("s.yaml: field 'metric.name': ") and "'probe/test/logp/chosn'" in message
+    assert "did you mean probe/test/logp/chosen" in message and "its 2 metrics" in message
+    check_metric_logged(tmp_path, "probe/test/logp/chosen", "s.yaml")
+
+
+@pytest.mark.slow
+def test_a_sweep_runs_under_the_root_and_refuses_a_metric_no_run_logs(in_tmp, capsys):
+    sweep = yaml.safe_load((REPO / "sweeps" / "sft_lr_epochs.yaml").read_text())
+    sweep["parameters"] = {"model.init_args.optimizer.init_args.lr": {"values": [1e-3, 3e-3]},
+                           "trainer.max_epochs": {"values": [1]}}
+    sweep["command"][sweep["command"].index("configs/sft.yaml")] = str(CONFIGS / "sft.yaml")
+    path = in_tmp / "grid.yaml"
+    path.write_text(yaml.safe_dump(sweep))
+    tiny = ["--config", str(CONFIGS / "tiny.yaml")]
+    main(["sweep", str(path), "--count", "1", *tiny, "--trainer.default_root_dir=elsewhere"])
+    rows = list(csv.DictReader(open("elsewhere/sweeps/grid/summary.csv")))
+    assert len(rows) == 1 and rows[0]["run_dir"].startswith("elsewhere/sft/version_")
+    assert not Path("runs").exists()
+    sweep["metric"]["name"] = sweep["metric"]["name"] + "_typo"
+    path.write_text(yaml.safe_dump(sweep))
+    with pytest.raises(SystemExit) as exit_:
+        main(["sweep", str(path), "--count", "2", *tiny, "--trainer.default_root_dir=elsewhere"])
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and f"logged no metric '{sweep['metric']['name']}'" in err[0]

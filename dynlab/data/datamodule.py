@@ -24,7 +24,7 @@ from dynlab.data.tokenize import (
     encode_row,
     keep_prompt_end,
 )
-from dynlab.errors import InputError
+from dynlab.errors import InputError, redact
 
 log = logging.getLogger(__name__)
 
@@ -48,17 +48,41 @@ class ShardSampler(DistributedSampler):
 
 class ResumableSampler(DistributedSampler):
     """The training shuffle: a permutation seeded by ``seed + epoch`` (set by Lightning through ``set_epoch``),
-    sharded over ranks, that skips the batches a resumed run already trained on in its current epoch, so a run
-    resumed mid-epoch sees the same batches as one that never stopped."""
+    sharded over ranks, that skips the batches a resumed run already trained on in the epoch it resumes in, so a
+    resumed run sees the same batches as one that never stopped.
 
-    def __init__(self, dataset: Sequence, num_replicas: int, rank: int, seed: int, skip: int = 0):
+    ``resume(steps, batch_size, accumulate)`` takes the optimizer steps already taken. Which epoch they leave off in
+    and how much of it is done is decided when the sampler is iterated, from the epoch it is iterated for: a
+    checkpoint written at an epoch's last batch resumes at the start of the next epoch, which Lightning sets only
+    after it made this loader, so a skip fixed when the loader is made would skip that whole next epoch.
+    """
+
+    def __init__(self, dataset: Sequence, num_replicas: int, rank: int, seed: int):
         super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=True, seed=seed)
-        self.skip = skip  # examples of this rank's shard to skip, once (len() stays the full epoch's: Lightning
-        # takes it as the length of every epoch, and a short first epoch simply ends early)
+        self._resume: tuple[int, int, int] | None = None  # (steps, batch_size, accumulate), used by one __iter__
+
+    def resume(self, steps: int, batch_size: int, accumulate: int) -> None:
+        self._resume = (steps, batch_size, accumulate)
+        self.set_epoch(steps // self.steps_per_epoch(batch_size, accumulate))  # where Lightning resumes too; set
+        # here as well for DataLoader workers, which draw indices before Lightning's set_epoch
+
+    def steps_per_epoch(self, batch_size: int, accumulate: int) -> int:
+        # Lightning also steps on an epoch's last, short group of batches
+        return math.ceil(math.ceil(len(self) / batch_size) / accumulate)
+
+    def skip(self) -> int:
+        """Examples of this rank's shard the epoch being iterated already trained on (len() stays the full epoch's:
+        Lightning takes it as the length of every epoch, and a short first epoch simply ends early)."""
+        if self._resume is None:
+            return 0
+        steps, batch_size, accumulate = self._resume
+        per_epoch = math.ceil(len(self) / batch_size)
+        done = (steps - self.epoch * self.steps_per_epoch(batch_size, accumulate)) * accumulate
+        return min(max(done, 0), per_epoch) * batch_size
 
     def __iter__(self):
-        indices = list(super().__iter__())[self.skip:]
-        self.skip = 0
+        indices = list(super().__iter__())[self.skip():]
+        self._resume = None
         return iter(indices)
 
 
@@ -119,8 +143,25 @@ class ProbeDataModule(L.LightningDataModule):
         num_workers: int = 0,
     ):
         super().__init__()
+        # refused here, before anything is read or written (jsonargparse builds the data module before the run)
+        for name, value, least in (("num_train", num_train, 1), ("num_heldout", num_heldout, 1),
+                                   ("probe_size", probe_size, 1), ("batch_size", batch_size, 1),
+                                   ("probe_batch_size", probe_batch_size, 1), ("max_length", max_length, 2),
+                                   ("max_prompt_length", max_prompt_length, 1), ("num_workers", num_workers, 0),
+                                   ("chosen_initial_max_tokens", chosen_initial_max_tokens, 1)):
+            if value is not None and value < least:
+                hint = {"num_train": " (null reads every row)",
+                        "probe_size": " (to turn probe evaluation off, set model.probe_every_n_steps=0)"}.get(name, "")
+                raise InputError(f"must be at least {least}, got {value}{hint}", field=f"data.{name}")
+        if max_prompt_length >= max_length:
+            raise InputError(f"must be less than data.max_length ({max_length}), got {max_prompt_length}: a cut prompt "
+                             "must leave room for the response", field="data.max_prompt_length")
         self.save_hyperparameters()
         self.hp = self.hparams
+        # the spec as given (an endpoint URL may carry credentials); the logged hyperparameters keep it redacted
+        self._rephraser = rephraser
+        if rephraser:  # the live values and the copy Lightning logs (hparams_initial)
+            self.hp.rephraser = self._hparams_initial.rephraser = redact(rephraser)
         self._prepared_for: tuple | None = None
         self._heldout_origin: tuple[str, int] = (source, 0)
         self.train_examples: list[dict] = []
@@ -158,12 +199,16 @@ class ProbeDataModule(L.LightningDataModule):
         if train_rows is None or heldout_rows is None:
             train_rows, heldout_rows = self._read_rows(tokenizer)
         sources = {"train": (hp.probe_train_file, train_rows), "test": (hp.probe_test_file, heldout_rows)}
-        backend = backend_from_spec(hp.rephraser, seed=hp.seed) if hp.rephraser else None
+        backend = backend_from_spec(self._rephraser, seed=hp.seed) if self._rephraser else None
         skipped_all: set[str] = set()
+        short: list[str] = []  # the splits with fewer rows than probe_size
         sets = {}
         for split in splits:
             file, rows = sources[split]
-            rows = (load_rows(file, format="probe") if file else rows)[: hp.probe_size]
+            rows = load_rows(file, format="probe") if file else rows
+            if len(rows) < hp.probe_size:
+                short.append(f"probe_{split} {len(rows)}")
+            rows = rows[: hp.probe_size]
             if hp.sample_chosen_initial and any("chosen_initial" not in r for r in rows):
                 rows = self._with_chosen_initial(tokenizer, rows, generate)
             if backend is not None:
@@ -171,6 +216,9 @@ class ProbeDataModule(L.LightningDataModule):
             sets[split], skipped = build_probe_rows(rows, train_pool=train_rows, test_pool=heldout_rows,
                                                     types=hp.probe_types, seed=hp.seed)
             skipped_all.update(skipped)
+        if short:
+            log.warning("data.probe_size is %d, but only %s rows are available: probing those", hp.probe_size,
+                        " and ".join(short))
         if skipped_all:
             log.warning("probe types skipped (not in the data and not buildable here): %s", sorted(skipped_all))
         return sets
@@ -247,11 +295,9 @@ class ProbeDataModule(L.LightningDataModule):
         world, rank = (trainer.world_size, trainer.global_rank) if trainer else (1, 0)
         sampler = ResumableSampler(self.train_examples, world, rank, seed=self.hp.seed)
         if trainer is not None and trainer.state.fn == "fit" and trainer.global_step:
-            # from the optimizer steps taken (Lightning's own batch progress lags by one in step checkpoints)
-            per_epoch, k = math.ceil(len(sampler) / self.hp.batch_size), trainer.accumulate_grad_batches
-            steps_per_epoch = math.ceil(per_epoch / k)  # Lightning also steps on an epoch's last, short group
-            done = (trainer.global_step - trainer.current_epoch * steps_per_epoch) * k
-            sampler.skip = min(max(done, 0), per_epoch) * self.hp.batch_size
+            # from the optimizer steps taken, not Lightning's epoch and batch progress: a step checkpoint lags by
+            # one batch, and at an epoch's last batch still names the finished epoch
+            sampler.resume(trainer.global_step, self.hp.batch_size, trainer.accumulate_grad_batches)
         return DataLoader(self.train_examples, batch_size=self.hp.batch_size, sampler=sampler,
                           collate_fn=self._collate, num_workers=self.hp.num_workers)
 

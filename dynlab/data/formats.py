@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any, Literal
 from urllib.parse import urlparse
 
+from dynlab.chat import HH_ASSISTANT, default_render_chat
 from dynlab.errors import InputError
 
 Format = Literal["auto", "hh", "chat", "flat", "probe"]
@@ -22,13 +23,13 @@ PROBE_FILE_TYPES: tuple[str, ...] = (
     "rejected", "reject_gptsemantic", "reject_gptformat",
     "irr_train", "irr_test", "irr_hum", "random_permute", "random_nonhum",
 )  # the paper's probe keys it evaluates; its files also hold ``chosen_selfr``, which is dropped
-HH_ASSISTANT = "\n\nAssistant:"
 
 _EXTRA_PROBE_KEYS = tuple(k for k in PROBE_FILE_TYPES if k not in ("chosen", "rejected"))
 _ROLES = ("system", "user", "assistant")
 _FORMATS = ("auto", "hh", "chat", "flat", "probe")
 _LOCAL_SUFFIXES = (".jsonl", ".json", ".parquet", ".jsonl.gz", ".json.gz")
 _HUB_PROBE_TIMEOUT_S = 3.0
+_PARQUET_MAGIC, _GZIP_MAGIC = b"PAR1", b"\x1f\x8b"
 
 
 def split_hh(text: str) -> tuple[str, str]:
@@ -44,19 +45,6 @@ def split_hh(text: str) -> tuple[str, str]:
         raise InputError(f"no {HH_ASSISTANT!r} marker, so the prompt cannot be split from the response")
     cut += len(HH_ASSISTANT)
     return text[:cut], text[cut:]
-
-
-def default_render_chat(messages: list[dict]) -> str:
-    """Render chat messages in HH style, ending with an open ``"\\n\\nAssistant:"`` turn.
-
-    Used when the tokenizer has no chat template. A system message is prepended as is.
-
-    >>> default_render_chat([{"role": "user", "content": "Hi"}])
-    '\\n\\nHuman: Hi\\n\\nAssistant:'
-    """
-    speaker = {"user": "\n\nHuman: ", "assistant": "\n\nAssistant: "}
-    parts = [m["content"] if m["role"] == "system" else speaker[m["role"]] + m["content"] for m in messages]
-    return "".join(parts) + HH_ASSISTANT
 
 
 def parse_row(
@@ -77,8 +65,8 @@ def parse_row(
         render_chat: renders the context messages of a chat row into the prompt (the tokenizer's chat template
             with ``add_generation_prompt=True``). ``None`` uses :func:`default_render_chat` and then gives each chat
             response a leading space, as in HH.
-        format: ``"auto"`` detects it per row: message lists are ``chat``, no ``prompt`` key is ``hh``, any probe key
-            other than chosen/rejected is ``probe``, else ``flat``.
+        format: ``"auto"`` detects it per row: message lists are ``chat``, any probe key other than chosen/rejected
+            is ``probe``, no ``prompt`` key is ``hh``, else ``flat``.
         allow_empty: keep empty or whitespace-only responses. Probe rows always keep them: the paper's released
             probe file has empty ``chosen_initial`` samples and a blank HH ``rejected`` (scored as EOS only).
 
@@ -94,9 +82,9 @@ def parse_row(
         raise InputError(f"row is not a JSON object but {_kind(raw)}", file=file, row=row)
     if format not in _FORMATS:
         raise InputError(f"unknown format {format!r}; use one of {', '.join(_FORMATS)}", file=file, row=row)
-    if format == "auto":
-        format = _detect_format(raw)
     where = {"file": file, "row": row}
+    if format == "auto":
+        format = _detect_format(raw, where)
     if format == "hh":
         out = _parse_hh(raw, where)
     elif format == "chat":
@@ -132,8 +120,10 @@ def load_rows(
 
     A source that exists, starts with ``.``, ``/`` or ``~``, has more than one ``/``, or ends with ``.jsonl``,
     ``.json``, ``.parquet`` (``.jsonl.gz``/``.json.gz`` too) is a local file; jsonl is read line by line (blank
-    lines skipped) so errors name the line. A local directory goes to ``datasets.load_dataset`` as is. Anything
-    else is a hub id for ``datasets.load_dataset(source, name=config_name, data_dir=data_dir, split=split)``.
+    lines skipped) so errors name the line. Parquet and gzip are also recognised by their first bytes, whatever the
+    file's name. A repeated key in a JSON object is an error, not a silent last-one-wins. A local directory of data
+    files goes to ``datasets.load_dataset`` as is. Anything else is a hub id for
+    ``datasets.load_dataset(source, name=config_name, data_dir=data_dir, split=split)``.
 
     Offline, ``load_dataset`` retries for about 25 s before failing, so unless ``datasets`` is already in offline
     mode (``HF_HUB_OFFLINE``/``HF_DATASETS_OFFLINE`` set before it was imported, where it fails at once or serves
@@ -163,11 +153,11 @@ def load_rows(
         raise InputError(f"limit must be >= 0, got {limit}", file=source)
     path = Path(source).expanduser()
     if path.is_dir():
-        raws, label = _hub_rows(source, split, config_name, data_dir, limit, probe_hub=False), source
+        raws, label = _dir_rows(path, source, split, config_name, data_dir, limit), source
     elif path.exists() or _looks_local(source):
         raws, label = _file_rows(path, source), source
     else:
-        raws, label = _hub_rows(source, split, config_name, data_dir, limit, probe_hub=True), f"{source}[{split}]"
+        raws, label = _hub_rows(source, split, config_name, data_dir, limit), f"{source}[{split}]"
     rows = []
     for number, raw in raws:
         if limit is not None and len(rows) >= limit:
@@ -180,12 +170,23 @@ def load_rows(
 # --- row formats ---------------------------------------------------------------------------------------------------
 
 
-def _detect_format(raw: dict) -> str:
-    if isinstance(raw.get("chosen"), list) or isinstance(raw.get("rejected"), list):
+def _detect_format(raw: dict, where: dict[str, Any]) -> str:
+    """The row's format from its fields, or an error naming the field that contradicts the others."""
+    chosen, rejected = raw.get("chosen"), raw.get("rejected")
+    if isinstance(chosen, list) or ("chosen" not in raw and isinstance(rejected, list)):
         return "chat"
-    if "prompt" not in raw:
+    if isinstance(rejected, list):  # the chosen response is not a message list, so this one is the odd field
+        raise InputError(f"a list of messages, but 'chosen' is {_kind(chosen)}: give both responses as message "
+                         "lists (chat rows) or both as strings", field="rejected", **where)
+    probe = any(key in raw for key in _EXTRA_PROBE_KEYS)
+    if "prompt" not in raw and not probe:
+        texts = [raw[key] for key in ("chosen", "rejected") if key in raw]
+        if texts and all(isinstance(t, str) and HH_ASSISTANT not in t for t in texts):  # no HH transcript either
+            raise InputError(f"missing field: a flat row needs prompt, chosen and rejected (an HH row instead has "
+                             f"the whole transcript, through its last {HH_ASSISTANT!r}, in chosen and rejected)",
+                             field="prompt", **where)
         return "hh"
-    return "probe" if any(key in raw for key in _EXTRA_PROBE_KEYS) else "flat"
+    return "probe" if probe else "flat"
 
 
 def _parse_hh(raw: dict, where: dict[str, Any]) -> dict[str, str]:
@@ -275,7 +276,7 @@ def _file_rows(path: Path, source: str) -> Iterator[tuple[int, Any]]:
         raise InputError("no such file; give an existing .jsonl/.json/.parquet file or a hub dataset id",
                          file=source)
     name = path.name.lower()
-    if name.endswith(".parquet"):
+    if name.endswith(".parquet") or _magic(path) == _PARQUET_MAGIC:  # parquet saved under another name too
         return _parquet_rows(path, source)
     if name.endswith((".jsonl", ".jsonl.gz")):
         return _jsonl_rows(path, source)
@@ -284,36 +285,105 @@ def _file_rows(path: Path, source: str) -> Iterator[tuple[int, Any]]:
     raise InputError("unsupported file type; use .jsonl, .json or .parquet", file=source)
 
 
-def _read_text(path: Path, source: str) -> Iterator[str]:
-    opener = gzip.open if path.name.lower().endswith(".gz") else open
+def _magic(path: Path) -> bytes:
+    """The file's first 4 bytes (none when it cannot be read: the reader then says why)."""
+    try:
+        with open(path, "rb") as handle:
+            return handle.read(4)
+    except OSError:
+        return b""
+
+
+def _read_text(path: Path, source: str, lines_are_rows: bool) -> Iterator[str]:
+    """The file's lines, gunzipped when it is gzip (by its magic bytes, whatever its name)."""
+    opener = gzip.open if _magic(path)[:2] == _GZIP_MAGIC else open
     try:
         with opener(path, "rt", encoding="utf-8") as handle:
             yield from handle
-    except (OSError, UnicodeDecodeError) as err:
+    except UnicodeDecodeError as err:  # its position counts from a buffer, not the file: find the line
+        line, column = _bad_utf8(path, opener)
+        raise InputError(f"not valid UTF-8 (byte {column} of line {line}: {err.reason}); save the file as UTF-8",
+                         file=source, row=line if lines_are_rows else None) from None
+    except OSError as err:
         raise InputError(f"cannot read the file: {err}", file=source) from err
 
 
+def _bad_utf8(path: Path, opener: Callable[..., Any]) -> tuple[int, int]:
+    """(line, byte in that line), both 1-based, of the first byte that is not UTF-8."""
+    with opener(path, "rb") as handle:
+        data = handle.read()
+    try:
+        data.decode("utf-8")
+    except UnicodeDecodeError as err:
+        line_start = data.rfind(b"\n", 0, err.start) + 1
+        return data.count(b"\n", 0, err.start) + 1, err.start - line_start + 1
+    return 0, 0  # not reached: the text reader failed on the same bytes
+
+
+class _Duplicated(dict):
+    """A JSON object in which ``key`` appeared more than once (``json`` would silently keep the last value)."""
+
+    key: str
+    made = 0  # how many were made: rows are searched for one only when this has grown while parsing them
+
+
+def _object(pairs: list[tuple[str, Any]]) -> dict:
+    """``object_pairs_hook`` that marks objects with a repeated key, so the error can name the row and the key."""
+    out = dict(pairs)
+    if len(out) == len(pairs):
+        return out
+    keys = [k for k, _ in pairs]
+    marked = _Duplicated(out)
+    marked.key = next(k for i, k in enumerate(keys) if k in keys[:i])
+    _Duplicated.made += 1
+    return marked
+
+
+def _duplicate_field(value: Any, path: str = "") -> str | None:
+    """The path (``chosen[2].role``, list items from 0) of the first repeated key in ``value``, or ``None``."""
+    if isinstance(value, _Duplicated):
+        return f"{path}.{value.key}" if path else value.key
+    if isinstance(value, dict):
+        children = [(f"{path}.{k}" if path else k, v) for k, v in value.items()]
+    else:
+        children = [(f"{path}[{i}]", v) for i, v in enumerate(value)] if isinstance(value, list) else []
+    return next((found for child_path, child in children if (found := _duplicate_field(child, child_path))), None)
+
+
+def _check_duplicates(value: Any, source: str, row: int) -> Any:
+    field = _duplicate_field(value)
+    if field is not None:
+        raise InputError("this key appears twice in one JSON object (the last value would win silently); keep one",
+                         file=source, row=row, field=field)
+    return value
+
+
 def _jsonl_rows(path: Path, source: str) -> Iterator[tuple[int, Any]]:
-    for number, line in enumerate(_read_text(path, source), 1):
+    for number, line in enumerate(_read_text(path, source, lines_are_rows=True), 1):
         if not line.strip():
             continue
+        made = _Duplicated.made
         try:
-            yield number, json.loads(line)
+            raw = json.loads(line, object_pairs_hook=_object)
         except json.JSONDecodeError as err:
             raise InputError(f"not valid JSON: {err.msg} (column {err.colno})", file=source, row=number) from err
+        yield number, raw if _Duplicated.made == made else _check_duplicates(raw, source, number)
 
 
 def _json_rows(path: Path, source: str) -> Iterator[tuple[int, Any]]:
-    text = "".join(_read_text(path, source))
+    text = "".join(_read_text(path, source, lines_are_rows=False))
+    made = _Duplicated.made
     try:
-        data = json.loads(text)
+        data = json.loads(text, object_pairs_hook=_object)
     except json.JSONDecodeError as err:
         if err.msg == "Extra data":  # JSON lines saved as .json, as hub datasets often are
             return _jsonl_rows(path, source)
         raise InputError(f"not valid JSON: {err.msg} (line {err.lineno}, column {err.colno})", file=source) from err
     if not isinstance(data, list):
         raise InputError(f"expected a JSON list of row objects, got {_kind(data)}", file=source)
-    return enumerate(data, 1)
+    if _Duplicated.made == made:
+        return enumerate(data, 1)
+    return ((number, _check_duplicates(raw, source, number)) for number, raw in enumerate(data, 1))
 
 
 def _parquet_rows(path: Path, source: str) -> Iterator[tuple[int, Any]]:
@@ -327,15 +397,16 @@ def _parquet_rows(path: Path, source: str) -> Iterator[tuple[int, Any]]:
     return enumerate(table.to_pylist(), 1)
 
 
-def _hub_rows(source: str, split: str, config_name: str | None, data_dir: str | None, limit: int | None,
-              probe_hub: bool) -> Iterator[tuple[int, Any]]:
+def _hub_rows(source: str, split: str, config_name: str | None, data_dir: str | None,
+              limit: int | None) -> Iterator[tuple[int, Any]]:
     import datasets  # heavy: only for hub sources
 
     def fail(reason: str) -> InputError:
-        return InputError(f"cannot load dataset from the Hugging Face hub (offline?): {reason}; download it "
-                          "elsewhere and pass a local .jsonl/.json/.parquet file as data.source", file=source)
+        return InputError(f"cannot load dataset from the Hugging Face hub (offline?): {reason}; nor is it a local "
+                          "file or directory here: download it elsewhere and pass a local .jsonl/.json/.parquet "
+                          "file as data.source", file=source)
 
-    if probe_hub and not datasets.config.HF_HUB_OFFLINE:
+    if not datasets.config.HF_HUB_OFFLINE:
         reason = _hub_unreachable()
         if reason:
             raise fail(reason)
@@ -344,6 +415,30 @@ def _hub_rows(source: str, split: str, config_name: str | None, data_dir: str | 
     except Exception as err:  # the hub and dataset builders raise many types; all mean "cannot load this source"
         first_line = (str(err).strip().splitlines() or [""])[0]
         raise fail(f"{type(err).__name__}: {first_line[:200]}") from err
+    if limit is not None:
+        data = data.select(range(min(limit, len(data))))
+    return enumerate(data, 1)
+
+
+def _dir_rows(path: Path, source: str, split: str, config_name: str | None, data_dir: str | None,
+              limit: int | None) -> Iterator[tuple[int, Any]]:
+    """A local directory of data files, read by ``datasets.load_dataset`` (each file's rows, then the next's)."""
+    import datasets
+
+    files = sorted(p for p in path.rglob("*")
+                   if p.is_file() and not any(part.startswith(".") for part in p.relative_to(path).parts))
+    data_files = [p for p in files if p.name.lower().endswith(_LOCAL_SUFFIXES) or _magic(p) == _PARQUET_MAGIC]
+    if not data_files:
+        found = ", ".join(str(p.relative_to(path)) for p in files[:5]) + (", ..." if len(files) > 5 else "")
+        raise InputError(f"a directory with no .jsonl/.json/.parquet data files (it holds {found or 'no files'}); "
+                         "pass one data file, or a directory of them", file=source)
+    try:
+        data = datasets.load_dataset(source, name=config_name, data_dir=data_dir, split=split)
+    except Exception as err:  # the dataset builders raise many types; all mean "cannot read this directory"
+        first_line = (str(err).strip().splitlines() or [""])[0]
+        raise InputError(f"cannot load this local directory with datasets.load_dataset ({type(err).__name__}: "
+                         f"{first_line[:200]}); pass one of its data files instead, e.g. {data_files[0]}",
+                         file=source) from err
     if limit is not None:
         data = data.select(range(min(limit, len(data))))
     return enumerate(data, 1)

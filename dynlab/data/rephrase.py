@@ -6,7 +6,8 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 
-from dynlab.chat import ChatBackend
+from dynlab.chat import ChatBackend, ChatEndpointError
+from dynlab.errors import InputError
 
 log = logging.getLogger(__name__)
 
@@ -43,16 +44,23 @@ def clean_reply(reply: str) -> str:
 
 def add_rephrases(rows: Sequence[dict[str, str]], backend: ChatBackend, types: Sequence[str] = tuple(REPHRASE_TYPES),
                   temperature: float = 0.7, max_tokens: int = 256) -> list[dict[str, str]]:
-    """Rows with every rephrase type in ``types`` filled in where missing (existing values are kept)."""
+    """Rows with every rephrase type in ``types`` filled in where missing (existing values are kept).
+
+    Raises:
+        InputError: when the backend keeps failing (e.g. an unreachable endpoint), in one line without credentials.
+    """
     out = [dict(r) for r in rows]
     for ptype in types:
         source, mode = REPHRASE_TYPES[ptype]
         todo = [r for r in out if ptype not in r]
         conversations = [rephrase_messages(r[source], mode) for r in todo]
-        if hasattr(backend, "complete_many"):  # a local model generates a batch at once
-            replies = backend.complete_many(conversations, temperature=temperature, max_tokens=max_tokens)
-        else:
-            replies = [backend.complete(c, temperature=temperature, max_tokens=max_tokens) for c in conversations]
+        try:
+            if hasattr(backend, "complete_many"):  # a local model generates a batch at once
+                replies = backend.complete_many(conversations, temperature=temperature, max_tokens=max_tokens)
+            else:
+                replies = [backend.complete(c, temperature=temperature, max_tokens=max_tokens) for c in conversations]
+        except ChatEndpointError as err:  # an endpoint that kept failing: one line, its credentials redacted, no chain
+            raise InputError(f"the rephraser failed on {ptype}: {err}", field="rephraser") from None
         for row, reply in zip(todo, replies):
             row[ptype] = clean_reply(reply)
         empty = sum(1 for r in todo if not r[ptype].strip())

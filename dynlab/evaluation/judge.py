@@ -17,6 +17,7 @@ import torch
 
 from dynlab.chat import ChatBackend, ChatEndpoint, backend_from_spec
 from dynlab.errors import InputError
+from dynlab.errors import redact as redact_text
 
 Verdict = Literal["A", "B", "tie"]
 Outcome = Literal["win", "loss", "tie"]
@@ -254,9 +255,12 @@ def judge_from_spec(spec: str, *, tie_margin: float = 0.0, batch_size: int = 8, 
 
 
 def redact(spec: str) -> str:
-    """A judge spec safe to record: user:password in a URL is replaced (an API key is never in a spec, only the
-    name of the variable holding it)."""
-    return re.sub(r"(https?://)[^/@\s]+@", r"\1***@", spec)
+    """A judge spec safe to record: credentials in its URL (``user:password@``, ``?api_key=``) become ``***``; the
+    model after the URL's last ``@`` is kept (an API key belongs in the variable named after ``#``, never in a spec).
+    """
+    kind, _, rest = spec.partition(":")
+    url, at, model = rest.rpartition("@")
+    return f"{kind}:{redact_text(url)}@{redact_text(model)}" if kind == "openai" and at else redact_text(spec)
 
 
 # --- responses and pairs --------------------------------------------------------------------------------------------

@@ -4,6 +4,9 @@ and their per-sequence reduction. Pure tensor maths, float32, chunked over token
 
 from __future__ import annotations
 
+import math
+from typing import Literal
+
 import torch
 from torch import Tensor
 
@@ -12,6 +15,7 @@ from dynlab.losses.logps import segment_mean, segment_sum
 SUM_METRICS = ("logp", "argmax_logp", "except_argmax_logp")  # summed over the response tokens
 MEAN_METRICS = ("max_prob", "peakiness", "entropy", "a_norm", "p_e", "energy")  # averaged over the response tokens
 SEQUENCE_METRICS = SUM_METRICS + MEAN_METRICS
+ANormReduction = Literal["token_mean", "paper"]
 
 
 @torch.no_grad()
@@ -19,8 +23,9 @@ def token_stats(logits: Tensor, targets: Tensor, chunk_size: int = 16) -> dict[s
     """Per-token statistics of pi = softmax(logits), computed in float32 without gradients.
 
     - ``logp`` = log pi(y); ``argmax_logp`` = log max_v pi(v) (always >= ``logp``); ``max_prob`` = max_v pi(v)
-    - ``except_argmax_logp`` = log(1 - max_v pi(v)), as a logsumexp over every column but the argmax, so it
-      stays finite when max_v pi(v) rounds to 1 in float32
+    - ``except_argmax_logp`` = log(1 - max_v pi(v)): a logsumexp over every column but the argmax where
+      max_v pi(v) >= 1/2, so it stays finite when max_v pi(v) rounds to 1 in float32, and log1p(-max_v pi(v)) in
+      float64 below, so it keeps its relative precision when max_v pi(v) is tiny
     - ``peakiness`` = ||pi||^2 (1/V uniform ... 1 one-hot); ``entropy`` = -sum_v pi log pi (0 log 0 = 0)
     - ``a_norm`` = ||I - 1 pi^T||_F = sqrt(V - 2 + V ||pi||^2) (sqrt(V - 1) uniform ... sqrt(2V - 2) one-hot)
     - ``p_e`` = ||pi - e_y||_2 in [0, sqrt 2]; ``energy`` = 1 - pi(y) in [0, 1]
@@ -43,7 +48,10 @@ def token_stats(logits: Tensor, targets: Tensor, chunk_size: int = 16) -> dict[s
     targets = targets.long()
     for s in range(0, n, chunk_size):
         rows, y = slice(s, s + chunk_size), targets[s : s + chunk_size, None]  # y (c, 1)
-        logpi = torch.log_softmax(logits[rows].float(), dim=-1)  # (c, V)
+        z = logits[rows].float()  # (c, V)
+        # z - logsumexp(z), not torch.log_softmax: on CPU that sums the exponentials less carefully (1.9e-5 absolute
+        # error over a 49k vocabulary with torch 2.13, against 1e-6), and the training log-probs use this form too
+        logpi = z - z.logsumexp(dim=-1, keepdim=True)
         max_logp, argmax = logpi.max(dim=-1, keepdim=True)  # (c, 1)
         out["logp"][rows] = logpi.gather(1, y).squeeze(1)
         out["argmax_logp"][rows] = max_logp.squeeze(1)
@@ -62,18 +70,27 @@ def token_stats(logits: Tensor, targets: Tensor, chunk_size: int = 16) -> dict[s
         # ||pi - e_y|| directly, not sqrt(||pi||^2 - 2 pi_y + 1), which cancels when pi_y is near 1
         out["p_e"][rows] = torch.linalg.vector_norm(pi.scatter_add_(1, y, -torch.ones_like(pi_y)[:, None]), dim=-1)
         del pi
-        # log(1 - max pi) = log sum_{v != argmax} pi_v, never 1 - (a number that rounded to 1)
-        out["except_argmax_logp"][rows] = logpi.scatter_(1, argmax, float("-inf")).logsumexp(dim=-1)
+        # log(1 - max pi): where max pi >= 1/2, log sum_{v != argmax} pi_v (a logsumexp without the argmax, never
+        # 1 - a number that rounded to 1); below, log1p(-max pi) in float64, since the float32 logsumexp of a value
+        # near 0 (about -max pi) resolves it only to ~1e-7 absolute, 1e-3 relative for max pi ~ 1e-4
+        off_argmax = logpi.scatter_(1, argmax, float("-inf")).logsumexp(dim=-1)
+        max_logp = max_logp.squeeze(1)
+        out["except_argmax_logp"][rows] = torch.where(max_logp < -math.log(2), torch.log1p(-max_logp.double().exp()),
+                                                      off_argmax.double()).float()
     return out
 
 
-def sequence_stats(token_stats: dict[str, Tensor], seq_index: Tensor, num_seqs: int) -> dict[str, Tensor]:
+def sequence_stats(token_stats: dict[str, Tensor], seq_index: Tensor, num_seqs: int,
+                   a_norm: ANormReduction = "token_mean", vocab_size: int | None = None) -> dict[str, Tensor]:
     """Reduce per-token statistics to per-sequence ones: ``SUM_METRICS`` summed, ``MEAN_METRICS`` averaged.
 
     Args:
         token_stats: name -> (N,) per-token values (from ``token_stats``; any subset of ``SEQUENCE_METRICS``).
         seq_index: (N,) int64 sequence of each token, in [0, num_seqs).
         num_seqs: B, the number of sequences.
+        a_norm: ``token_mean`` (``a_norm`` is the mean of the per-token ||A_m||_F, dynlab's definition) or
+            ``paper`` (the original code's A_o, see ``paper_a_norm``; needs ``peakiness`` and ``vocab_size``).
+        vocab_size: V, for ``a_norm="paper"``.
 
     Returns:
         Name -> (B,) tensor. A sequence without tokens gets 0 for every metric.
@@ -86,4 +103,32 @@ def sequence_stats(token_stats: dict[str, Tensor], seq_index: Tensor, num_seqs: 
             out[name] = segment_mean(values, seq_index, num_seqs)
         else:
             raise ValueError(f"unknown token statistic {name!r}; expected one of {SEQUENCE_METRICS}")
+    if a_norm == "paper":
+        if vocab_size is None or "peakiness" not in token_stats:
+            raise ValueError("a_norm='paper' needs the peakiness token statistic and vocab_size")
+        out["a_norm"] = paper_a_norm(token_stats["peakiness"], seq_index, num_seqs, vocab_size)
+    elif a_norm != "token_mean":
+        raise ValueError(f"a_norm must be 'token_mean' or 'paper', got {a_norm!r}")
     return out
+
+
+def paper_a_norm(peakiness: Tensor, seq_index: Tensor, num_seqs: int, vocab_size: int) -> Tensor:
+    """The original code's per-sequence ``A_o`` = sqrt(V (mean_m ||pi_m||_2)^2 + V - 2) (``_get_batch_logps``).
+
+    It squares the MEAN of the per-token norms instead of averaging each token's ||I - 1 pi_m^T||_F =
+    sqrt(V - 2 + V ||pi_m||^2), so by Jensen it is at most dynlab's ``a_norm`` (equal when every token's ||pi_m|| is
+    the same); kept to compare with the paper's figures.
+
+    Args:
+        peakiness: (N,) ||pi_n||^2 of every token (``token_stats``).
+        seq_index: (N,) int64 sequence of each token, in [0, num_seqs).
+        num_seqs: B.
+        vocab_size: V.
+
+    Returns:
+        (B,) float32; 0 for a sequence without tokens (the original code gives NaN there).
+    """
+    mean_norm = segment_mean(peakiness.clamp(min=0).sqrt(), seq_index, num_seqs)  # (B,)
+    has_tokens = segment_sum(torch.ones_like(peakiness), seq_index, num_seqs) > 0
+    a_o = (vocab_size * mean_norm.square() + (vocab_size - 2)).sqrt()
+    return torch.where(has_tokens, a_o, torch.zeros_like(a_o))

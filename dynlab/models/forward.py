@@ -154,7 +154,7 @@ def shared_prompt_hidden_rows(model: PreTrainedModel, prompts: Sequence[Tensor],
     if not prompts:
         return
     if not shares_kv_cache(model):  # sliding-window caches: row by row, each prompt's cache repeated per group
-        yield from _rows_one_by_one(model, prompts, responses, max_padding)
+        yield from rows_one_by_one(model, prompts, responses, max_padding)
         return
     backbone, device = model.base_model, prompts[0].device
     prompt_len = [p.numel() for p in prompts]
@@ -198,8 +198,12 @@ def _stacked_cache(kv: Sequence[Sequence[tuple[Tensor, Tensor]]], rows: Sequence
 
 
 @torch.no_grad()
-def _rows_one_by_one(model: PreTrainedModel, prompts: Sequence[Tensor], responses: Sequence[Mapping[str, Tensor]],
-                     max_padding: float) -> Iterator[tuple[list[Member], Tensor, Tensor, Tensor]]:
+def rows_one_by_one(model: PreTrainedModel, prompts: Sequence[Tensor], responses: Sequence[Mapping[str, Tensor]],
+                    max_padding: float = 0.25) -> Iterator[tuple[list[Member], Tensor, Tensor, Tensor]]:
+    """:func:`shared_prompt_hidden_rows` one row at a time (each prompt's cache copied for each of its response
+    groups), under ``no_grad``: the path for sliding-window caches, and the slower reference the batched path is
+    measured against (``benchmarks/before_after.py``). Same arguments and yields, without ``max_tokens``.
+    """
     backbone = model.base_model
     for k, (prompt_ids, row) in enumerate(zip(prompts, responses)):
         prompt_out = backbone(input_ids=prompt_ids[None], use_cache=True)

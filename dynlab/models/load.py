@@ -10,6 +10,7 @@ import os
 import re
 import shutil
 import tempfile
+import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -63,7 +64,7 @@ def load_tokenizer(spec: ModelSpec) -> PreTrainedTokenizerBase:
     if spec.name_or_path == TINY and spec.tokenizer is None:
         tok = tiny_tokenizer()
     else:
-        source = spec.tokenizer or _resolve_dir(spec)
+        source = spec.tokenizer or resolve_dir(spec)
         tok = _from_pretrained(AutoTokenizer, source, spec)
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
@@ -76,16 +77,52 @@ def load_model(spec: ModelSpec, init_from: str | None = None) -> PreTrainedModel
     ``init_from`` is a Lightning ``.ckpt`` of a dynlab module (its ``policy.*`` weights are used) or a directory
     written by ``save_pretrained`` (e.g. ``RUN_DIR/export``).
     """
-    if init_from is not None and Path(init_from).is_dir():
-        model = _from_pretrained(AutoModelForCausalLM, init_from, spec)
+    state = None
+    if init_from is not None and not Path(init_from).is_dir():
+        if not Path(init_from).is_file():
+            raise InputError("no such checkpoint or export directory", file=init_from, field="model.init_from")
+        state = read_checkpoint(init_from, "model.init_from")["state_dict"]  # read first: a bad file fails fast
+    if init_from is not None and state is None:
+        model = _load_export(init_from, spec)
     elif spec.name_or_path == TINY:
         model = tiny_model(spec)
     else:
-        model = _from_pretrained(AutoModelForCausalLM, _resolve_dir(spec), spec)
-    if init_from is not None and not Path(init_from).is_dir():
-        _load_checkpoint_weights(model, init_from)
+        model = _from_pretrained(AutoModelForCausalLM, resolve_dir(spec), spec)
+    if state is not None:
+        _load_policy_weights(model, state, init_from)
     _check_plain_logits(model)
     return model
+
+
+def read_checkpoint(path: str, field: str, weights_only: bool = True, mmap: bool = False) -> dict:
+    """The contents of a Lightning checkpoint; an InputError naming ``field`` when the file is missing, truncated,
+    corrupt or not a Lightning checkpoint. ``mmap`` leaves the tensors on disk (a cheap check of a large file)."""
+    if not Path(path).is_file():
+        raise InputError("no such checkpoint file", file=path, field=field)
+    if not zipfile.is_zipfile(path):  # torch.save writes a zip archive; a truncated one has no central directory
+        raise InputError("not a PyTorch checkpoint (truncated, or another kind of file)", file=path, field=field)
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=weights_only, mmap=mmap)
+    except Exception as err:  # a corrupt archive or pickle: torch raises RuntimeError, UnpicklingError, EOFError, ...
+        reason = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        reason = re.sub(r"\s*\(Could this error message be improved\?.*", "", reason)  # torch's plea
+        raise InputError(f"cannot read the checkpoint ({reason})", file=path, field=field) from err
+    if not isinstance(ckpt, dict) or not isinstance(ckpt.get("state_dict"), dict):
+        raise InputError("not a Lightning checkpoint (it has no state_dict)", file=path, field=field)
+    return ckpt
+
+
+def _load_export(path: str, spec: ModelSpec) -> PreTrainedModel:
+    """An earlier run's ``save_pretrained`` directory (``RUN_DIR/export``)."""
+    if not (Path(path) / "config.json").is_file():
+        raise InputError("not a model directory (no config.json): pass a run's export/ directory or a .ckpt",
+                         file=path, field="model.init_from")
+    try:
+        return AutoModelForCausalLM.from_pretrained(path, dtype=_DTYPES[spec.dtype],
+                                                    trust_remote_code=spec.trust_remote_code)
+    except Exception as err:  # broken config.json or weights: OSError, ValueError, safetensors' own errors, ...
+        reason = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        raise InputError(f"cannot load the model in it ({reason})", file=path, field="model.init_from") from err
 
 
 # dynlab projects hidden states through the output embedding itself (only on response positions); models that
@@ -127,7 +164,7 @@ def tiny_tokenizer(vocab_size: int = 512) -> PreTrainedTokenizerBase:
         from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
         from transformers import PreTrainedTokenizerFast
 
-        from dynlab.data.synthetic import corpus
+        from dynlab.corpus import corpus
 
         bpe = Tokenizer(models.BPE())
         bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
@@ -140,8 +177,9 @@ def tiny_tokenizer(vocab_size: int = 512) -> PreTrainedTokenizerBase:
     return _TINY_TOKENIZER
 
 
-def _resolve_dir(spec: ModelSpec) -> str:
-    """A local directory or hub id that ``from_pretrained`` loads directly (GGUF sources are converted first)."""
+def resolve_dir(spec: ModelSpec) -> str:
+    """A local directory or hub id that ``from_pretrained`` loads directly (GGUF sources, the embedded SmolLM2
+    included, are converted into dynlab's cache first)."""
     name = spec.name_or_path
     if name in _EMBEDDED_GGUF:
         package, gguf = _EMBEDDED_GGUF[name]
@@ -204,12 +242,11 @@ def _from_pretrained(cls: Any, source: str, spec: ModelSpec) -> Any:
                          f"directory or GGUF file", field="model.policy.name_or_path") from err
 
 
-def _load_checkpoint_weights(model: PreTrainedModel, ckpt: str) -> None:
-    path = Path(ckpt)
-    if not path.is_file():
-        raise InputError("no such checkpoint or export directory", file=ckpt, field="model.init_from")
-    state = torch.load(path, map_location="cpu", weights_only=True)["state_dict"]
+def _load_policy_weights(model: PreTrainedModel, state: dict, ckpt: str) -> None:
     policy = {k.removeprefix("policy."): v for k, v in state.items() if k.startswith("policy.")}
+    if not policy:
+        raise InputError("the checkpoint has no policy weights (not one of a dynlab module)", file=ckpt,
+                         field="model.init_from")
     missing, unexpected = model.load_state_dict(policy, strict=False)
     missing = [k for k in missing if k != "lm_head.weight" or not model.config.tie_word_embeddings]
     if missing or unexpected:

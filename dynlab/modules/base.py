@@ -13,12 +13,14 @@ from typing import Any, ClassVar
 import lightning as L
 import torch
 from lightning.fabric.utilities.apply_func import move_data_to_device
+from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 from torch import Tensor, nn
 
 from dynlab.errors import InputError
 from dynlab.losses.logps import segment_sum, token_logps
-from dynlab.metrics.functional import SEQUENCE_METRICS, sequence_stats, token_stats
+from dynlab.metrics.functional import SEQUENCE_METRICS, ANormReduction, sequence_stats, token_stats
 from dynlab.metrics.probe import PreferenceMetric, ProbeTypeMetric
 from dynlab.models.forward import lm_head, response_hidden, shared_prompt_hidden_rows
 from dynlab.models.generate import generate_responses
@@ -67,6 +69,8 @@ class CausalLMModule(L.LightningModule):
         probe_chunk_tokens: response tokens per vocabulary-projection chunk during probe evaluation (bounds memory).
         logp_chunk_tokens: the same for training log-probs (None = one chunk).
         dropout: keep the model's dropout (default off, as in the paper).
+        a_norm: the probe metric ``a_norm``: ``token_mean`` (the mean of the per-token ||I - 1 pi_m^T||_F) or
+            ``paper`` (the original code's A_o, sqrt(V (mean_m ||pi_m||)^2 + V - 2), to compare with its figures).
     """
 
     training_view: ClassVar[str] = "sft"
@@ -81,8 +85,16 @@ class CausalLMModule(L.LightningModule):
         probe_chunk_tokens: int = 1024,
         logp_chunk_tokens: int | None = None,
         dropout: bool = False,
+        a_norm: ANormReduction = "token_mean",
     ):
         super().__init__()
+        # refused here, before any weights load: jsonargparse builds the module before the run directory exists
+        for name, value, least in (("probe_every_n_steps", probe_every_n_steps, 0),
+                                   ("probe_chunk_tokens", probe_chunk_tokens, 1),
+                                   ("logp_chunk_tokens", logp_chunk_tokens, 1)):
+            if value is not None and value < least:
+                hint = " (0 turns probe evaluation off)" if name == "probe_every_n_steps" else ""
+                raise InputError(f"must be at least {least}, got {value}{hint}", field=f"model.{name}")
         self.save_hyperparameters(ignore=["optimizer", "scheduler"])
         self.spec = policy or ModelSpec()
         self.tokenizer = load_tokenizer(self.spec)
@@ -147,8 +159,30 @@ class CausalLMModule(L.LightningModule):
         return segment_sum(logps, seq_index, batch["input_ids"].shape[0])
 
     def generate(self, prompts: list[list[int]], **kwargs: Any) -> list[str]:
-        """Responses of the current policy to prompts (token ids); see ``generate_responses``."""
-        return generate_responses(self.policy, self.tokenizer, prompts, **kwargs)
+        """Responses of the current policy to prompts (token ids); see ``generate_responses``. A SIGTERM stops it
+        between two generated tokens."""
+        return generate_responses(self.policy, self.tokenizer, prompts, check=self.stop_if_asked, **kwargs)
+
+    def stop_if_asked(self) -> None:
+        """Raise Lightning's ``SIGTERMException`` if the trainer received SIGTERM.
+
+        Lightning's handler only sets a flag, which its loops read between training batches; the long loops a step
+        can run (probe evaluation, sampling, the export) call this between their own batches, so a SIGTERM stops
+        the run within seconds wherever it lands. The checkpoints written so far are all complete: resume with
+        ``--ckpt_path=last``. (SIGINT needs none of this: its KeyboardInterrupt is raised wherever it lands.)
+        """
+        trainer = self._trainer
+        if trainer is None or not trainer.received_sigterm:
+            return
+        loop = trainer.fit_loop.epoch_loop
+        progress = loop.batch_progress.current
+        if trainer.training and progress.processed > progress.completed:
+            # inside a trained batch's end hooks, where Lightning runs the checkpoint callbacks last: one due at this
+            # step (not yet written when a callback such as GenerationMetrics stops here) is written first
+            for callback in trainer.checkpoint_callbacks:
+                if isinstance(callback, ModelCheckpoint):
+                    callback.on_train_batch_end(trainer, self, None, None, loop.batch_idx)
+        raise SIGTERMException
 
     # ---- probe evaluation -----------------------------------------------------------------------------------------
     @torch.no_grad()
@@ -159,11 +193,13 @@ class CausalLMModule(L.LightningModule):
         """
         per_type: dict[str, dict[str, list[Tensor]]] = defaultdict(lambda: defaultdict(list))
         index = batch["index"].tolist()
+        vocab = self.policy.get_output_embeddings().weight.shape[0]  # V, for the paper's A_o
         # the batch's rows together: each prompt once, every row's responses grouped by length across rows (with
         # a whole batch to choose from, groups stay large at 10% padding)
         for members, hidden, targets, seq_index in shared_prompt_hidden_rows(self.policy, batch["prompt_ids"],
                                                                              batch["responses"], max_padding=0.1):
-            seq = sequence_stats(self._chunked_token_stats(hidden, targets), seq_index, len(members))
+            seq = sequence_stats(self._chunked_token_stats(hidden, targets), seq_index, len(members),
+                                 a_norm=self.hparams.get("a_norm", "token_mean"), vocab_size=vocab)
             for j, (k, name) in enumerate(members):
                 for m in SEQUENCE_METRICS:
                     per_type[name][m].append(seq[m][j : j + 1])
@@ -222,11 +258,22 @@ class CausalLMModule(L.LightningModule):
         self.policy.eval()
         self._recording_baseline = bool(self._baseline) and all(torch.isnan(b).all() for b in self._baseline.values())
         records: list[dict] = []
-        for split in self.probe_types:
-            for batch in datamodule.probe_dataloader(split):
-                results = self.probe_step(split, move_data_to_device(batch, self.device))
-                records += records_from_results(split, {t: {m: v.tolist() for m, v in values.items()}
-                                                        for t, values in results.items()})
+        try:
+            for split in self.probe_types:
+                for batch in datamodule.probe_dataloader(split):
+                    self.stop_if_asked()  # stopped here, the evaluation leaves nothing behind: it is redone on resume
+                    results = self.probe_step(split, move_data_to_device(batch, self.device))
+                    records += records_from_results(split, {t: {m: v.tolist() for m, v in values.items()}
+                                                            for t, values in results.items()})
+        except BaseException:
+            if self._recording_baseline:  # a half-recorded baseline is no baseline
+                for b in self._baseline.values():
+                    b.fill_(float("nan"))
+                self._recording_baseline = False
+            for metric in (*self.probe_metrics.values(), *self.preference_metrics.values()):
+                metric.reset()
+            self.policy.train(was_training)
+            raise
         if self._recording_baseline:  # each rank saw its shard: combine, NaN where a rank had nothing
             for split, b in self._baseline.items():
                 known = (~torch.isnan(b)).to(self.device, torch.float32)
@@ -277,7 +324,11 @@ class CausalLMModule(L.LightningModule):
 
     # ---- checkpoints and export -----------------------------------------------------------------------------------
     def on_save_checkpoint(self, checkpoint: dict) -> None:
-        checkpoint["dynlab_probe_baseline"] = {split: b.clone() for split, b in self._baseline.items()}
+        # a checkpoint saved during the step-0 evaluation (Lightning's Slurm SIGUSR1 handler saves wherever the signal
+        # lands) has an incomplete baseline: save none, and the resumed run records it again
+        recording = self._recording_baseline
+        checkpoint["dynlab_probe_baseline"] = {split: torch.full_like(b, float("nan")) if recording else b.clone()
+                                               for split, b in self._baseline.items()}
         checkpoint["dynlab_last_probe_step"] = self._last_probe_step
         checkpoint["dynlab_unlogged_row"] = self._step_row_not_yet_logged()
 
@@ -287,6 +338,10 @@ class CausalLMModule(L.LightningModule):
         self._unlogged_row = checkpoint.get("dynlab_unlogged_row")
 
     def on_train_start(self) -> None:
+        self._train_started = True
+        self._replay_unlogged_row()
+
+    def _replay_unlogged_row(self) -> None:
         # a job killed between writing this checkpoint and logging the step it followed has no row for that step
         if self._unlogged_row is not None:
             for logger in self.loggers:
@@ -318,14 +373,30 @@ class CausalLMModule(L.LightningModule):
         ``trainer.log_dir`` is a collective under DDP)."""
         return self._run_dir
 
+    _train_started = False
+
+    def on_fit_end(self) -> None:
+        # a run resumed from a checkpoint of its last step has nothing left to train, and Lightning then skips
+        # on_train_start and on_train_end: finish what the stopped run left undone (its last probe evaluation, row,
+        # export and figures)
+        if not self._train_started and self.trainer.global_step > 0:
+            self._replay_unlogged_row()
+            if self._probe_due():
+                self.run_probe_evaluation()
+            self.on_train_end()
+        self._train_started = False
+
     def on_train_end(self) -> None:
+        self.stop_if_asked()  # a SIGTERM during the last step: no export (a resumed run finishes it)
         # every rank takes part in gathering the weights (sharded under FSDP); rank 0 writes
         state = self.trainer.strategy.lightning_module_state_dict()
         if not self.trainer.is_global_zero:
             return
         policy_state = {k.removeprefix("policy."): v for k, v in state.items() if k.startswith("policy.")}
+        self.stop_if_asked()
         export_pretrained(self.policy, self.tokenizer, self.run_dir / "export", state_dict=policy_state)
         if self._last_probe_step >= 0:
+            self.stop_if_asked()
             figures = plot_runs([self.run_dir], self.run_dir / "figures")
             for logger in self.loggers:
                 if hasattr(logger, "log_image"):  # W&B: the same figures as images on the run
@@ -337,8 +408,12 @@ def export_pretrained(model: nn.Module, tokenizer: Any, out: Path, state_dict: d
     """``save_pretrained`` model and tokenizer into ``out``, atomically (a crash leaves no half-written export)."""
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=".export-"))
-    model.save_pretrained(tmp, state_dict=state_dict)
-    tokenizer.save_pretrained(tmp)
+    try:
+        model.save_pretrained(tmp, state_dict=state_dict)
+        tokenizer.save_pretrained(tmp)
+    except BaseException:  # a Ctrl-C included: no half-written directory left behind either
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     if out.exists():
         shutil.rmtree(out)
     tmp.rename(out)

@@ -6,11 +6,13 @@
 from __future__ import annotations
 
 import copy
+import math
 from typing import Any, ClassVar, Literal
 
 import torch
 from torch import Tensor, nn
 
+from dynlab.errors import InputError
 from dynlab.losses.dpo import dpo_loss
 from dynlab.models.forward import pair_rows, shared_prompt_hidden_rows, shares_kv_cache
 from dynlab.modules.base import CausalLMModule, disable_dropout, uses_fsdp
@@ -39,6 +41,14 @@ class DPOModule(CausalLMModule):
     def __init__(self, *args: Any, beta: float = 0.1, label_smoothing: float = 0.0,
                  loss_type: Literal["sigmoid", "ipo", "hinge"] = "sigmoid", precompute_ref_logps: bool = False,
                  **kwargs: Any):
+        # refused before the weights load (dpo_loss would only refuse them at the first training step)
+        if not 0 < beta < math.inf:
+            raise InputError(f"must be > 0, got {beta}", field="model.beta")
+        if not 0 <= label_smoothing < 0.5:
+            raise InputError(f"must be in [0, 0.5), got {label_smoothing}", field="model.label_smoothing")
+        if label_smoothing and loss_type != "sigmoid":
+            raise InputError(f"cDPO's label smoothing needs loss_type 'sigmoid', got {loss_type!r}",
+                             field="model.label_smoothing")
         super().__init__(*args, **kwargs)
         self.save_hyperparameters(ignore=["optimizer", "scheduler"])
         # kept out of the module tree: not trained, not checkpointed (it is rebuilt from the initial weights)
@@ -60,15 +70,43 @@ class DPOModule(CausalLMModule):
 
     @torch.no_grad()
     def _precompute_ref_logps(self) -> Tensor:
+        """The reference's (chosen, rejected) log-probs of every training pair, (pairs, 2), for the cache.
+
+        A sequence's float32 log-prob depends on the batch it is computed in (padding width, the other rows, how
+        the matmuls block) by ~1e-6 relative, so the cache is built on the very batches the first epoch trains on
+        (the training sampler for epoch 0) and under training's precision context: through the first epoch every
+        cached value is bitwise the live reference's, and at step 0, where policy = reference, the DPO logit is
+        exactly 0 (loss log 2 for ``sigmoid``). Later epochs batch the pairs differently and read the first epoch's
+        values, a float32-rounding difference from a live reference. A run resumed from a checkpoint without a
+        cache (no step 0 left to match) computes it in training-set order.
+        """
         datamodule = self.trainer.datamodule
-        cache = torch.zeros(len(datamodule.train_examples), 2, device=self.device)
-        # under the same precision context as training_step (on_fit_start runs outside it): at step 0 the cached
-        # and the live reference must give the policy's own numbers, or the DPO logit starts away from 0
         with self.trainer.precision_plugin.forward_context():
-            for batch in datamodule.ordered_train_dataloader():
-                batch = {k: v.to(self.device) for k, v in batch.items()}
-                cache[batch["index"]] = torch.stack(self.sequence_logps(batch, self.reference).chunk(2), dim=1)
-        return self.trainer.strategy.reduce(cache, reduce_op="sum")  # each pair was computed by one rank
+            first_epoch = datamodule.train_dataloader() if self.trainer.global_step == 0 else []
+            cache, count = self._reference_logps_on(first_epoch)
+            missing = count == 0  # the same on every rank (reduced)
+            if missing.any():
+                ordered, _ = self._reference_logps_on(datamodule.ordered_train_dataloader(), only=missing)
+                cache[missing] = ordered[missing]
+        return cache
+
+    def _reference_logps_on(self, loader: Any, only: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """Reference log-probs of the pairs in ``loader``'s batches (skipping batches with no pair in ``only``),
+        reduced over ranks: ``(cache (pairs, 2), count (pairs,))``; a pair two ranks computed (DistributedSampler
+        pads a shard by repeating pairs) gets their mean, one no rank computed has count 0."""
+        n = len(self.trainer.datamodule.train_examples)
+        cache = torch.zeros(n, 2, device=self.device)
+        count = torch.zeros(n, device=self.device)
+        for batch in loader:
+            index = batch["index"].to(self.device)
+            if only is not None and not only[index].any():
+                continue
+            batch = {k: v.to(self.device) for k, v in batch.items()}
+            cache.index_add_(0, index, torch.stack(self.sequence_logps(batch, self.reference).chunk(2), dim=1))
+            count.index_add_(0, index, torch.ones_like(index, dtype=count.dtype))
+        strategy = self.trainer.strategy
+        cache, count = strategy.reduce(cache, reduce_op="sum"), strategy.reduce(count, reduce_op="sum")
+        return cache / count.clamp(min=1)[:, None], count  # x / 1 is exact
 
     def response_states(self, batch: dict[str, Tensor], model: nn.Module) -> tuple[Tensor, Tensor, Tensor]:
         """As the base class (token order aside), but each pair's prompt runs once, its KV cache serving both the

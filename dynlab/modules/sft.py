@@ -22,13 +22,16 @@ class SFTModule(CausalLMModule):
     """Negative log-likelihood of the response tokens (prompt tokens masked).
 
     Args:
-        reduction: ``token_mean`` (every response token weighs the same), ``sequence_mean`` or ``sum``.
+        reduction: ``token_mean`` (every response token weighs the same), ``sequence_mean``, ``sequence_sum``
+            (each sequence's summed NLL averaged over the batch: the paper's objective, configs/paper) or ``sum``;
+            see ``sft_loss``. Under DDP each gives the gradient one process computes on the whole batch.
         **kwargs: see CausalLMModule.
     """
 
     training_view: ClassVar[str] = "sft"
 
-    def __init__(self, *args: Any, reduction: Literal["token_mean", "sequence_mean", "sum"] = "token_mean",
+    def __init__(self, *args: Any,
+                 reduction: Literal["token_mean", "sequence_mean", "sequence_sum", "sum"] = "token_mean",
                  **kwargs: Any):
         super().__init__(*args, **kwargs)
         self.reduction = reduction
@@ -46,10 +49,14 @@ class SFTModule(CausalLMModule):
         world = self.trainer.world_size
         if self.reduction == "sum" and world > 1:
             loss = loss * world  # DDP averages gradients over ranks; a sum over the global batch wants their sum
-        elif self.reduction == "token_mean" and world > 1:
-            # DDP averages gradients over ranks; rescale so the result is the mean over ALL ranks' tokens, exactly
-            # what one process on the whole batch computes (ranks hold different numbers of tokens)
-            local = torch.tensor(float(logps.numel()), device=logps.device)
+        elif world > 1:
+            # DDP averages gradients over ranks; rescale so the result is the mean over ALL ranks' tokens
+            # (token_mean), sequences (sequence_sum) or sequences with response tokens (sequence_mean), exactly what
+            # one process on the whole batch computes (ranks hold different numbers of tokens, and of sequences in an
+            # epoch's last batch)
+            n = {"token_mean": logps.numel(), "sequence_sum": batch["input_ids"].shape[0],
+                 "sequence_mean": seq_index.unique().numel()}[self.reduction]
+            local = torch.tensor(float(n), device=logps.device)
             loss = loss * local * world / self.trainer.strategy.reduce(local.clone(), reduce_op="sum")
         self.log("train/loss", loss, prog_bar=True, batch_size=batch["input_ids"].shape[0], sync_dist=True)
         return loss

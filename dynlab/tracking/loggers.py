@@ -1,19 +1,154 @@
-"""A CSV logger that survives resuming into the same run directory (a requeued Slurm job, ``--ckpt_path=last``).
+"""A CSV logger that owns its run directory and survives resuming into it (a requeued Slurm job, ``--ckpt_path=last``).
 
 Lightning's CSVLogger deletes an existing metrics.csv when it starts; this one keeps the rows logged before the
 checkpoint the run resumed from and drops only those the resumed run logs again. A checkpoint written from
 ``on_train_batch_end`` is one row ahead of the loggers; the module carries that row in it and replays it here.
+
+Lightning picks ``version_N`` by listing the directory, so two runs started at once take the same one. Here rank 0
+creates ``version_N`` with ``os.mkdir`` (taking ``N+1`` when another run got there first) and holds a lock file with
+its pid, host and Slurm job id in the run directory until the run ends; a directory that another live run holds is
+refused. Other ranks get the directory from rank 0 (``trainer.log_dir`` and ModelCheckpoint broadcast it).
 """
 
 from __future__ import annotations
 
+import atexit
+import contextlib
 import csv
+import json
 import os
+import socket
+import time
+from pathlib import Path
 
 from lightning.pytorch.loggers import CSVLogger as _CSVLogger
 from lightning.pytorch.loggers.csv_logs import ExperimentWriter
 from lightning.pytorch.loggers.logger import rank_zero_experiment
 from lightning.pytorch.utilities import rank_zero_only
+
+from dynlab.errors import InputError
+
+LOCK_FILE = "dynlab.lock"
+
+
+def check_run_version(version: str) -> str:
+    """A fixed run directory name (``DYNLAB_RUN_VERSION``) must be one name inside the stage directory."""
+    seps = {"/", os.sep, os.altsep} - {None}
+    if not version or version in (".", "..") or any(c in version for c in seps) or not version.isprintable():
+        raise InputError(f"{version!r} is not a run directory name: give one name without path separators, "
+                         "e.g. DYNLAB_RUN_VERSION=slurm-1234 (the directory lands in <default_root_dir>/<stage>/)",
+                         field="DYNLAB_RUN_VERSION")
+    return version
+
+
+def _this_holder() -> dict:
+    return {"pid": os.getpid(), "host": socket.gethostname(), "slurm_job_id": os.environ.get("SLURM_JOB_ID")}
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, another user's
+        return True
+    return True
+
+
+def _read_lock(path: Path) -> dict | None:
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError):
+        return {}  # being written right now, or garbage: treated as held
+
+
+def live_holder(run_dir: str | os.PathLike) -> dict | None:
+    """The live run holding ``run_dir`` (its lock file's pid/host/slurm_job_id), or None if it is free.
+
+    A lock is stale, and may be taken over, when it is this process's own, when its Slurm job id is this process's
+    (the job was requeued: Slurm ended the old allocation first, on whatever host it ran), or when it is on this
+    host and its pid is dead. A lock from another host outside the same Slurm job counts as live: that pid cannot be
+    checked from here.
+    """
+    path = Path(run_dir) / LOCK_FILE
+    holder = _read_lock(path)
+    return holder if _is_live(holder, path) else None
+
+
+def _is_live(holder: dict | None, path: Path) -> bool:
+    if holder is None:
+        return False
+    if not holder:  # unreadable: being written right now, unless it has been like that for a minute
+        try:
+            return time.time() - path.stat().st_mtime < 60
+        except FileNotFoundError:
+            return False
+    me = _this_holder()
+    if holder.get("pid") == me["pid"] and holder.get("host") == me["host"]:
+        return False
+    if me["slurm_job_id"] and holder.get("slurm_job_id") == me["slurm_job_id"]:
+        return False
+    return not (holder.get("host") == me["host"] and isinstance(holder.get("pid"), int)
+                and not _pid_alive(holder["pid"]))
+
+
+def _refuse(run_dir: str | os.PathLike, holder: dict) -> InputError:
+    who = f"pid {holder.get('pid', '?')} on {holder.get('host', '?')}" + (
+        f" (Slurm job {holder['slurm_job_id']})" if holder.get("slurm_job_id") else "")
+    return InputError(f"run directory {run_dir} is in use by a live run, {who}: choose another DYNLAB_RUN_VERSION "
+                      f"(or none), or delete {Path(run_dir) / LOCK_FILE} if that run is dead",
+                      field="DYNLAB_RUN_VERSION")
+
+
+def check_run_dir(save_dir: str | os.PathLike, name: str | None, version: int | str | None) -> None:
+    """Refuse (on rank 0) a fixed run directory that is not one name or that another live run holds, before the run
+    writes anything."""
+    if isinstance(version, str):
+        check_run_version(version)
+    if version is not None and rank_zero_only.rank == 0:
+        run_dir = Path(save_dir, name or "", version if isinstance(version, str) else f"version_{version}")
+        holder = live_holder(run_dir)
+        if holder is not None:
+            raise _refuse(run_dir, holder)
+
+
+def acquire_run_lock(run_dir: str | os.PathLike) -> Path:
+    """Write this process's lock into ``run_dir`` (created exclusively); take over a stale one, refuse a live one."""
+    path = Path(run_dir) / LOCK_FILE
+    for _ in range(10):
+        try:
+            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            holder = _read_lock(path)
+            if _is_live(holder, path):
+                raise _refuse(run_dir, holder) from None
+            # stale: move it aside under a name of our own; if what was moved is no longer the stale lock (another
+            # run took it over in between), put that run's lock back
+            aside = path.with_name(f"{LOCK_FILE}.stale-{socket.gethostname()}-{os.getpid()}")
+            try:
+                os.replace(path, aside)
+            except FileNotFoundError:
+                continue
+            if _read_lock(aside) != holder:
+                with contextlib.suppress(FileExistsError):
+                    os.link(aside, path)
+            aside.unlink()
+            continue
+        with os.fdopen(fd, "w") as f:
+            json.dump(_this_holder(), f)
+        return path
+    raise _refuse(run_dir, _read_lock(path) or {})
+
+
+def release_run_lock(run_dir: str | os.PathLike) -> None:
+    """Remove ``run_dir``'s lock if this process holds it."""
+    path = Path(run_dir) / LOCK_FILE
+    holder = _read_lock(path)
+    me = _this_holder()
+    if holder and holder.get("pid") == me["pid"] and holder.get("host") == me["host"]:
+        path.unlink(missing_ok=True)
 
 
 class _ResumableWriter(ExperimentWriter):
@@ -47,13 +182,67 @@ class _ResumableWriter(ExperimentWriter):
 
 
 class CSVLogger(_CSVLogger):
-    """Lightning's CSVLogger, keeping the metrics logged before a resume into the same directory."""
+    """Lightning's CSVLogger, allocating its run directory atomically, locking it while the run is live, and keeping
+    the metrics logged before a resume into the same directory.
+
+    Args:
+        save_dir: the root of the stage directories; None: the trainer's ``default_root_dir`` (``dynlab fit`` fills
+            it in; ``runs`` by default).
+        version: a fixed run directory name (a requeued job resumes in it), or None for the next free ``version_N``.
+    """
+
+    def __init__(self, save_dir: str | None = None, name: str | None = "lightning_logs",
+                 version: int | str | None = None, prefix: str = "", flush_logs_every_n_steps: int = 100):
+        save_dir = save_dir if save_dir is not None else "runs"
+        check_run_dir(save_dir, name, version)
+        super().__init__(save_dir, name=name, version=version, prefix=prefix,
+                         flush_logs_every_n_steps=flush_logs_every_n_steps)
+        self._locked: Path | None = None
+        self._auto = version is None
+
+    def _dir_of(self, version: int | str) -> str:
+        return os.path.join(self.root_dir, version if isinstance(version, str) else f"version_{version}")
+
+    @property
+    def version(self) -> int | str:
+        """The run directory's version: until ``claim`` a free one is only looked up (as Lightning does), so
+        reading ``log_dir`` before the run starts writes nothing."""
+        if self._version is None or (self._locked is None and self._auto):
+            return self._get_next_version()
+        return self._version
+
+    def claim(self) -> str:
+        """Make the run directory this run's (rank 0, once): a free ``version_N`` is created with ``os.mkdir``, so
+        no other run can take it (``N+1`` if one got there first), and the directory is locked until ``finalize``.
+        Runs when the trainer sets up (the first use of ``experiment``) or when ``dynlab fit`` starts."""
+        if self._locked is None and rank_zero_only.rank == 0:
+            if self._auto:
+                os.makedirs(self.root_dir, exist_ok=True)
+                n = self._get_next_version()
+                while True:
+                    try:
+                        os.mkdir(self._dir_of(n))
+                        break
+                    except FileExistsError:
+                        n += 1
+                self._version = n
+            log_dir = self._dir_of(self._version)
+            os.makedirs(log_dir, exist_ok=True)
+            self._locked = acquire_run_lock(log_dir)
+            atexit.register(release_run_lock, log_dir)
+        return self.log_dir
+
+    @rank_zero_only
+    def finalize(self, status: str) -> None:
+        super().finalize(status)
+        if self._locked is not None:
+            release_run_lock(self._locked.parent)
 
     @property
     @rank_zero_experiment
     def experiment(self) -> ExperimentWriter:
         if self._experiment is None:
-            self._fs.makedirs(self.root_dir, exist_ok=True)
+            self.claim()
             self._experiment = _ResumableWriter(log_dir=self.log_dir)
         return self._experiment
 

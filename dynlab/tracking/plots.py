@@ -19,15 +19,19 @@ import pandas as pd  # noqa: E402
 
 from dynlab.tracking.trajectory import DYNAMICS_DIR, read_trajectory  # noqa: E402
 
-# colour families: what is trained on / its rephrases (blue), rejected family (red), other prompts' responses (green),
-# non-human text (grey), the model's own sample (purple)
+# colour families: what is trained on / its rephrases (blues), rejected family (reds), other prompts' responses
+# (greens), non-human text (greys), the model's own sample (purple); within a family shade, line and marker differ,
+# so every type stays distinguishable in colour and in greyscale
 STYLE = {
-    "chosen": ("tab:blue", "-"), "chosen_gptsemantic": ("tab:blue", "--"), "chosen_gptformat": ("tab:blue", ":"),
-    "rejected": ("tab:red", "-"), "reject_gptsemantic": ("tab:red", "--"), "reject_gptformat": ("tab:red", ":"),
-    "irr_train": ("tab:green", "-"), "irr_test": ("tab:green", "--"), "irr_hum": ("tab:olive", "-"),
-    "random_permute": ("tab:gray", "-"), "random_nonhum": ("tab:gray", "--"), "chosen_initial": ("tab:purple", "-"),
-    "argmax": ("black", "-"),
+    "chosen": ("#1f77b4", "-", "o"), "chosen_gptsemantic": ("#6baed6", "--", "^"),
+    "chosen_gptformat": ("#08306b", ":", "s"),
+    "rejected": ("#d62728", "-", "o"), "reject_gptsemantic": ("#fc9272", "--", "^"),
+    "reject_gptformat": ("#67000d", ":", "s"),
+    "irr_train": ("#2ca02c", "-", "D"), "irr_test": ("#74c476", "--", "v"), "irr_hum": ("#808000", "-.", "P"),
+    "random_permute": ("#404040", "-", "x"), "random_nonhum": ("#a0a0a0", "--", "+"),
+    "chosen_initial": ("#9467bd", "-", "*"), "argmax": ("black", "-", "."),
 }
+FALLBACK_STYLE = ("#8c564b", "-.", "h")  # a type this table does not know
 
 
 def run_label(run_dir: str | os.PathLike) -> str:
@@ -69,10 +73,11 @@ def _plot_lines(ax, curves: pd.DataFrame, types: Sequence[str], label_prefix: st
     for t in types:
         if ("mean", t) not in curves:
             continue
-        colour, line = STYLE.get(t, ("tab:brown", "-"))
+        colour, line, marker = STYLE.get(t, FALLBACK_STYLE)
         line = style or line
         mean, sem = curves[("mean", t)], curves[("sem", t)]
-        ax.plot(mean.index, mean.values, line, color=colour, label=f"{label_prefix}{t}", lw=1.8)
+        ax.plot(mean.index, mean.values, line, color=colour, marker=marker, markersize=4, label=f"{label_prefix}{t}",
+                lw=1.8)
         ax.fill_between(mean.index, mean - sem, mean + sem, color=colour, alpha=0.12, lw=0)
 
 
@@ -166,8 +171,7 @@ def plot_dynamics(frame: pd.DataFrame, out: Path, title: str) -> Path:
             ax.set_visible(False)
             continue
         for ptype, group in data.groupby("type", sort=False):
-            color, _ = STYLE.get(ptype, ("tab:brown", "-"))
-            marker = "x" if ptype.startswith(("reject", "random")) else "o"
+            color, _, marker = STYLE.get(ptype, FALLBACK_STYLE)
             ax.scatter(group["dyn_observed"], group[column], s=14, color=color, marker=marker, label=ptype, alpha=0.7)
         low = min(data["dyn_observed"].min(), data[column].min())
         high = max(data["dyn_observed"].max(), data[column].max())

@@ -1,0 +1,174 @@
+"""Where a run lives: ``--trainer.default_root_dir`` decides it for every file a run writes; a run directory is
+allocated atomically and locked while its run is live, so two runs never share one; a fixed run directory name
+(``DYNLAB_RUN_VERSION``) must be one name inside the stage directory."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from dynlab.cli import main
+from dynlab.errors import InputError
+from dynlab.tracking.loggers import LOCK_FILE, CSVLogger, acquire_run_lock, check_run_version, release_run_lock
+from tests.conftest import CONFIGS, REPO
+
+TINY_SFT = ["fit", "--config", str(CONFIGS / "sft.yaml"), "--config", str(CONFIGS / "tiny.yaml")]
+
+
+def dead_pid() -> int:
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc.wait()
+    return proc.pid
+
+
+def write_lock(run_dir: Path, **holder) -> None:
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / LOCK_FILE).write_text(json.dumps(holder))
+
+
+def test_default_root_dir_holds_every_file_of_the_run(in_tmp, monkeypatch, capsys):
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    main([*TINY_SFT, "--trainer.default_root_dir=tmp/elsewhere"])
+    assert not Path("runs").exists() and sorted(p.name for p in in_tmp.iterdir()) == ["tmp"]
+    run = Path("tmp/elsewhere/sft/version_0")
+    for name in ("metrics.csv", "config.yaml", "checkpoints/last.ckpt", "probes/probe_test.jsonl", "figures",
+                 "export/config.json"):
+        assert (run / name).exists(), name
+    assert list(Path("tmp/elsewhere/sft/wandb").glob("offline-run-*"))
+    assert not (run / LOCK_FILE).exists()  # released at the end
+    assert f"dynlab: run directory: {run}" in capsys.readouterr().out
+
+
+def test_the_root_is_filled_in_only_for_loggers_that_name_none():
+    from jsonargparse import Namespace
+
+    from dynlab.cli import fill_run_root
+
+    config = Namespace(trainer=Namespace(default_root_dir=None, logger=[
+        Namespace(class_path="dynlab.tracking.loggers.CSVLogger", init_args=Namespace(save_dir=None, name="dpo")),
+        Namespace(class_path="lightning.pytorch.loggers.WandbLogger", init_args=Namespace(save_dir=".")),
+        Namespace(class_path="lightning.pytorch.loggers.CSVLogger", init_args=Namespace(save_dir="mine"))]))
+    fill_run_root(config)
+    assert config.trainer.default_root_dir == "runs"
+    assert [x.init_args.save_dir for x in config.trainer.logger] == ["runs", os.path.join("runs", "dpo"), "mine"]
+
+
+def test_two_runs_that_looked_up_the_same_free_version_get_their_own_directories(tmp_path):
+    # Lightning's CSVLogger keeps the version_N it looked up: two runs starting together both write into it
+    first, second = CSVLogger(tmp_path, name="sft"), CSVLogger(tmp_path, name="sft")
+    assert first.version == second.version == 0 and not (tmp_path / "sft").exists()  # looking up writes nothing
+    first.experiment, second.experiment  # noqa: B018 (the trainer's set-up claims the directory)
+    assert (first.log_dir, second.log_dir) == (str(tmp_path / "sft" / "version_0"), str(tmp_path / "sft" / "version_1"))
+    assert (tmp_path / "sft" / "version_0" / LOCK_FILE).is_file()
+
+
+def test_a_version_taken_between_listing_and_creating_is_skipped(tmp_path, monkeypatch):
+    CSVLogger(tmp_path, name="sft").claim()
+    monkeypatch.setattr(CSVLogger, "_get_next_version", lambda self: 0)  # both listed before either created
+    assert CSVLogger(tmp_path, name="sft").claim() == str(tmp_path / "sft" / "version_1")
+
+
+def test_lock_holds_pid_host_and_job_and_is_released(tmp_path, monkeypatch):
+    monkeypatch.setenv("SLURM_JOB_ID", "42")
+    path = acquire_run_lock(tmp_path)
+    assert json.loads(path.read_text()) == {"pid": os.getpid(), "host": socket.gethostname(), "slurm_job_id": "42"}
+    release_run_lock(tmp_path)
+    assert not path.exists()
+
+
+def test_a_live_run_holds_its_directory(tmp_path, monkeypatch):
+    monkeypatch.delenv("SLURM_JOB_ID", raising=False)
+    write_lock(tmp_path, pid=os.getppid(), host=socket.gethostname(), slurm_job_id=None)
+    with pytest.raises(InputError, match="in use by a live run, pid"):
+        acquire_run_lock(tmp_path)
+    write_lock(tmp_path, pid=1, host="another-host", slurm_job_id="7")  # cannot be checked from here: live
+    with pytest.raises(InputError, match="another-host"):
+        acquire_run_lock(tmp_path)
+
+
+def test_a_dead_run_or_a_requeued_job_takes_its_directory_over(tmp_path, monkeypatch):
+    monkeypatch.delenv("SLURM_JOB_ID", raising=False)
+    write_lock(tmp_path, pid=dead_pid(), host=socket.gethostname(), slurm_job_id=None)  # killed with kill -9
+    assert json.loads(acquire_run_lock(tmp_path).read_text())["pid"] == os.getpid()
+    monkeypatch.setenv("SLURM_JOB_ID", "7")  # requeued onto another node: the same job id
+    write_lock(tmp_path, pid=os.getppid(), host="another-host", slurm_job_id="7")
+    assert json.loads(acquire_run_lock(tmp_path).read_text())["host"] == socket.gethostname()
+
+
+def test_a_lock_being_written_is_held_and_one_left_empty_for_a_minute_is_not(tmp_path):
+    (tmp_path / LOCK_FILE).write_text("")
+    with pytest.raises(InputError, match="in use"):
+        acquire_run_lock(tmp_path)
+    os.utime(tmp_path / LOCK_FILE, (0, 0))
+    assert json.loads(acquire_run_lock(tmp_path).read_text())["pid"] == os.getpid()
+
+
+def test_a_held_run_directory_is_refused_before_anything_is_written(in_tmp, monkeypatch, capsys):
+    monkeypatch.setenv("DYNLAB_RUN_VERSION", "held")
+    run = Path("runs/sft/held")
+    write_lock(run, pid=os.getppid(), host=socket.gethostname(), slurm_job_id=None)
+    with pytest.raises(SystemExit) as exit_:
+        main(TINY_SFT)
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("dynlab: error: ") and "in use by a live run" in err[0]
+    assert [p.name for p in run.iterdir()] == [LOCK_FILE]
+
+
+def test_a_resume_in_place_after_kill_9_takes_the_stale_lock_over(in_tmp, monkeypatch):
+    monkeypatch.setenv("DYNLAB_RUN_VERSION", "job")
+    args = [*TINY_SFT, "--ckpt_path=last", "--trainer.max_steps=3"]
+    main(args)
+    run = Path("runs/sft/job")
+    write_lock(run, pid=dead_pid(), host=socket.gethostname(), slurm_job_id=None)  # as a killed run leaves it
+    main([*args[:-1], "--trainer.max_steps=6"])
+    steps = [int(r["step"]) for r in csv.DictReader(open(run / "metrics.csv")) if r.get("train/loss")]
+    assert sorted(steps) == [0, 1, 2, 3, 4, 5] and not (run / LOCK_FILE).exists()
+
+
+@pytest.mark.parametrize("version", ["../..", "a/b", "/abs/path", "..", ".", "x\ny"])
+def test_a_run_version_must_be_one_name(version):
+    with pytest.raises(InputError, match="DYNLAB_RUN_VERSION"):
+        check_run_version(version)
+
+
+def test_a_bad_run_version_is_refused_in_one_line(in_tmp, monkeypatch, capsys):
+    monkeypatch.setenv("DYNLAB_RUN_VERSION", "../..")
+    with pytest.raises(SystemExit) as exit_:
+        main(TINY_SFT)
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "'../..' is not a run directory name" in err[0]
+    assert list(in_tmp.iterdir()) == []
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("same_version", [False, True], ids=["auto", "same_DYNLAB_RUN_VERSION"])
+def test_two_fits_started_at_once_never_share_a_directory(tmp_path, same_version):
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    if same_version:
+        env["DYNLAB_RUN_VERSION"] = "shared"
+    procs = [subprocess.Popen([sys.executable, "-m", "dynlab.cli", *TINY_SFT], cwd=tmp_path, env=env, text=True,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE) for _ in range(2)]
+    outs = [(p.communicate(timeout=600), p.returncode) for p in procs]
+    done = [out for (out, _), rc in outs if rc == 0]
+    refused = [err for (_, err), rc in outs if rc == 2]
+    assert len(done) + len(refused) == 2
+    if same_version:
+        assert len(done) == 1 and "in use by a live run" in refused[0].strip().splitlines()[-1]
+    else:
+        assert len(done) == 2
+    dirs = {line.split()[3] for out in done for line in out.splitlines() if line.startswith("dynlab: run directory")}
+    assert len(dirs) == len(done)
+    for run in dirs:
+        with open(tmp_path / run / "metrics.csv", newline="") as f:
+            reader = csv.reader(f)
+            header = next(reader)
+            assert all(len(row) == len(header) for row in reader)
