@@ -185,6 +185,9 @@ def test_sigterm_stops_sampling_between_two_tokens(in_tmp, monkeypatch):
     assert sorted(p.name for p in (run / "generations").glob("*.jsonl")) == ["step_00000000.jsonl"]
     assert torch.load(run / "checkpoints" / "last.ckpt", weights_only=False)["global_step"] == 1
     assert not no_temporary_files(run)
+    # the interrupted step-1 generation is not counted as done: the resumed run samples it
+    main([*args, callbacks(checkpoint_every(1), generation), "--ckpt_path=last"])
+    assert sorted(p.name for p in (run / "generations").glob("*.jsonl")) == [f"step_{s:08d}.jsonl" for s in range(4)]
 
 
 def test_generation_checks_for_a_stop_after_every_token(tiny_spec):

@@ -86,6 +86,18 @@ class ResumableSampler(DistributedSampler):
         return iter(indices)
 
 
+class ResumableLoader(DataLoader):
+    """The training loader. Its ``ResumableSampler`` resumes from the optimizer steps the checkpoint restores, so
+    the loader has no state of its own to save; having ``state_dict`` says it is resumable (Lightning warns that
+    a mid-epoch resume of a loader without one is unreliable)."""
+
+    def state_dict(self) -> dict:
+        return {}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        pass
+
+
 class ProbeDataModule(L.LightningDataModule):
     """Preference data, its training views, and the probe sets.
 
@@ -298,8 +310,8 @@ class ProbeDataModule(L.LightningDataModule):
             # from the optimizer steps taken, not Lightning's epoch and batch progress: a step checkpoint lags by
             # one batch, and at an epoch's last batch still names the finished epoch
             sampler.resume(trainer.global_step, self.hp.batch_size, trainer.accumulate_grad_batches)
-        return DataLoader(self.train_examples, batch_size=self.hp.batch_size, sampler=sampler,
-                          collate_fn=self._collate, num_workers=self.hp.num_workers)
+        return ResumableLoader(self.train_examples, batch_size=self.hp.batch_size, sampler=sampler,
+                               collate_fn=self._collate, num_workers=self.hp.num_workers)
 
     def ordered_train_dataloader(self) -> DataLoader:
         """The training examples in order, sharded over ranks (for cached reference log-probs)."""

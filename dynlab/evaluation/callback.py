@@ -56,8 +56,15 @@ class GenerationMetrics(Callback):
             self.generate_and_log(trainer, pl_module)
 
     def generate_and_log(self, trainer: Trainer, pl_module: LightningModule) -> dict[str, float]:
-        """Generate now, log ``generation/{metric}`` at the current optimizer step; returns what was logged."""
-        step = self._last_step = trainer.global_step
+        """Generate now, log ``generation/{metric}`` at the current optimizer step; returns what was logged.
+
+        The step counts as done only once its texts are logged and written: a run stopped while sampling (and
+        checkpointed there) samples that step again when it resumes."""
+        metrics = self._generate_and_log(trainer, pl_module, trainer.global_step)
+        self._last_step = trainer.global_step
+        return metrics
+
+    def _generate_and_log(self, trainer: Trainer, pl_module: LightningModule, step: int) -> dict[str, float]:
         if not trainer.is_global_zero:
             return {}
         if uses_fsdp(trainer):
