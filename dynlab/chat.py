@@ -60,6 +60,8 @@ class ChatEndpoint:
 
     def __init__(self, base_url: str, model: str, api_key_env: str = "OPENAI_API_KEY", timeout: float = 60.0,
                  retries: int = 3, backoff: float = 1.0):
+        if problem := url_problem(base_url):  # the URL is not shown: a bad "port" may be a key
+            raise InputError(problem, field="base_url")
         parts = urllib.parse.urlsplit(base_url.rstrip("/") + "/chat/completions")
         self._basic_auth = None  # base64 "user:password" from the URL, for Basic auth; never shown
         if "@" in parts.netloc:
@@ -144,10 +146,58 @@ def backend_from_spec(spec: str, seed: int = 0) -> ChatBackend:
     kind, _, rest = spec.partition(":")
     if kind == "hf" and rest:
         return LocalChatModel(rest, seed=seed)
-    if kind == "openai" and "@" in rest:
-        url, _, model = rest.rpartition("@")
-        model, _, key_env = model.partition("#")
-        if url.startswith(("http://", "https://")) and model:  # else urllib fails only at the first request
-            return ChatEndpoint(url, model, api_key_env=key_env or "OPENAI_API_KEY")
-    raise InputError("expected hf:PATH_OR_ID or openai:BASE_URL@MODEL[#API_KEY_ENV] with an http(s) BASE_URL, "
-                     "e.g. openai:http://127.0.0.1:8000/v1@my-model", field=spec)
+    url, model, key_env = parse_endpoint_spec(spec)
+    return ChatEndpoint(url, model, api_key_env=key_env)
+
+
+SPEC_HELP = ("expected hf:PATH_OR_ID or openai:BASE_URL@MODEL[#API_KEY_ENV] with an http(s) BASE_URL, "
+             "e.g. openai:http://127.0.0.1:8000/v1@my-model")
+
+
+def url_problem(url: str) -> str | None:
+    """Why ``url`` is not an http(s) base URL, without quoting it; None when it is one. A port that is not a number is
+    most often the ``KEY`` of ``https://user:KEY@host/v1`` cut at its ``@`` (a spec that lost its ``@MODEL``)."""
+    parts = urllib.parse.urlsplit(url)
+    if parts.scheme not in ("http", "https"):
+        return "BASE_URL needs http:// or https://"
+    try:
+        parts.port  # noqa: B018 - raises ValueError when the port is not a number
+    except ValueError:
+        return "BASE_URL's port is not a number (is the spec missing its @MODEL?)"
+    return None if parts.hostname else "BASE_URL has no host"
+
+
+def parse_endpoint_spec(spec: str) -> tuple[str, str, str]:
+    """``openai:BASE_URL@MODEL[#API_KEY_ENV]`` as ``(BASE_URL, MODEL, API_KEY_ENV)`` (``OPENAI_API_KEY`` by default).
+
+    The spec is cut at its last ``@``, so one that lost its ``@MODEL`` (``openai:https://user:KEY@host/v1``) is cut
+    inside the URL's credentials. Such a cut is refused, never read as an endpoint (whose URL would hold the key and
+    escape :func:`redact`): a BASE_URL with no host or a port that is not a number, or one with no path when MODEL
+    has a ``/`` (``openai:https://user:123@host/v1``; write ``http://HOST:PORT/v1@ORG/MODEL``). InputError otherwise.
+    """
+    kind, _, rest = spec.partition(":")
+    url, _, model = rest.rpartition("@")
+    model, _, key_env = model.partition("#")
+    problem = "" if kind != "openai" or not (url and model) else url_problem(url)
+    if problem is None and "/" in model and not urllib.parse.urlsplit(url).path:
+        problem = "BASE_URL has no path and MODEL has a '/' (is MODEL the rest of the URL?): give BASE_URL its path"
+    if problem is not None:
+        raise InputError(f"{problem}; {SPEC_HELP}" if problem else SPEC_HELP, field=spec)
+    return url, model, key_env or "OPENAI_API_KEY"
+
+
+def redact_spec(spec: str) -> str:
+    """A backend spec safe to show or record: in ``openai:BASE_URL@MODEL[#API_KEY_ENV]`` the URL's credentials
+    (``user:password@``, ``?api_key=``) become ``***`` and its host stays; any other spec, or one that does not parse
+    (:func:`parse_endpoint_spec`), goes through :func:`redact` whole (an API key belongs in the variable named after
+    ``#``, never in a spec).
+
+    >>> redact_spec("openai:https://user:KEY@example.org/v1@m#MY_KEY"), redact_spec("openai:http://127.0.0.1:8000@m")
+    ('openai:https://***@example.org/v1@m#MY_KEY', 'openai:http://127.0.0.1:8000@m')
+    """
+    try:
+        parse_endpoint_spec(spec)
+    except InputError:
+        return redact(spec)
+    url, _, model = spec.removeprefix("openai:").rpartition("@")
+    return f"openai:{redact(url)}@{redact(model)}"

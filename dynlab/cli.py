@@ -27,6 +27,7 @@ from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.callbacks import RichProgressBar
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
 from lightning.pytorch.loggers import WandbLogger
+from lightning.pytorch.utilities import rank_zero_only
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from dynlab.data.datamodule import ProbeDataModule
@@ -41,7 +42,14 @@ class SaveAndLogConfig(SaveConfigCallback):
     """Save the resolved config as ``config.yaml`` in the run directory and log it whole to W&B (rank 0)."""
 
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        # the first point where the process group exists: ranks > 0 take rank 0's run directory (its version and
+        # default_root_dir, where Lightning saves and looks up its Slurm checkpoints), never one of their own guess
+        for logger in trainer.loggers:
+            if isinstance(logger, CSVLogger):
+                logger.adopt_version(trainer.strategy.broadcast(logger.version))
         self._log_dir = trainer.log_dir  # a collective under DDP: every rank asks, save_config runs on rank 0 only
+        if self._log_dir and any(isinstance(x, CSVLogger) for x in trainer.loggers):
+            trainer._default_root_dir = self._log_dir
         super().setup(trainer, pl_module, stage)
 
     def save_config(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
@@ -60,8 +68,9 @@ class SaveAndLogConfig(SaveConfigCallback):
 
 def start_wandb_redacted(trainer: Trainer) -> None:
     """Start the W&B runs now (rank 0) with credentials redacted from the command line W&B records in the run's
-    metadata; the real ``sys.argv`` comes back at once (Lightning's DDP launcher reuses it)."""
-    if not trainer.is_global_zero:
+    metadata; the real ``sys.argv`` comes back at once (Lightning's DDP launcher reuses it). Rank 0 is read from the
+    environment, as ``claim()`` does: before the processes launch ``trainer.is_global_zero`` is True on every rank."""
+    if rank_zero_only.rank != 0:
         return
     argv = sys.argv
     sys.argv = [redact(a) for a in argv]
@@ -223,12 +232,18 @@ class DynlabCLI(LightningCLI):
     def _prepare_data(self) -> None:
         # read, validate and tokenize all data now, so bad input fails before the run directory is written
         hp, trainer, config = self.datamodule.hparams, self.trainer, self.config[self.subcommand]
+        self.model.check_strategy(trainer)  # e.g. probes under FSDP
         if self.subcommand == "fit":
-            try:  # built once now, so that lr < 0 and other values torch refuses fail before the run starts
-                self.model.configure_optimizers()
+            # built once now, so that lr < 0 and other values torch refuses fail before the run starts: the optimizer
+            # alone first, then with its scheduler, so that the error names the argument that refused
+            model, field = self.model, "model.optimizer"
+            try:
+                if model.optimizer_factory is not None:
+                    model.optimizer_factory([p for p in model.policy.parameters() if p.requires_grad])
+                field = "model.scheduler"
+                model.configure_optimizers()  # the optimizer builds: only the scheduler can refuse here
             except (ValueError, TypeError) as err:
-                field = next((k for k in ("optimizer", "lr_scheduler") if config.get(k)), "model.optimizer")
-                raise InputError(f"{err} (building the optimizer and scheduler)", field=field) from err
+                raise InputError(f"{err} (building the {field.removeprefix('model.')})", field=field) from err
         if hp.rephraser and trainer.world_size > 1:  # each rank would draw its own, different rephrases
             raise InputError("build rephrased probes once (dynlab probe build --rephraser ... --out FILE) and pass "
                              "the file as data.probe_train_file / data.probe_test_file for multi-process runs",
@@ -249,13 +264,18 @@ class DynlabCLI(LightningCLI):
             # the run directory, claimed now (by rank 0: created, locked), after the input was checked; Lightning's
             # Slurm pre-emption checkpoints (hpc_ckpt_*.ckpt in default_root_dir) go in it too, so a requeued job
             # finds its own
+            # find its own. Ranks > 0 of an automatic version learn it from rank 0 only once the process group
+            # exists (SaveAndLogConfig.setup); until then theirs is a placeholder (.../version_None) that holds
+            # nothing, like rank 0's new directory. A fixed version is the same on every rank already
             for logger in self.trainer.loggers:
                 if isinstance(logger, CSVLogger):
-                    logger.claim()
+                    logger.claim(resuming=bool(kwargs.get("ckpt_path")))
             self.trainer._default_root_dir = self.trainer.log_dir
             start_wandb_redacted(self.trainer)
         if kwargs.get("ckpt_path") == "last":
-            kwargs["ckpt_path"] = newest_checkpoint(self.trainer) or "last"
+            # None on a fixed-version run's first start (a Slurm job's, say): nothing to resume yet, and Lightning
+            # would warn that there is no last checkpoint
+            kwargs["ckpt_path"] = newest_checkpoint(self.trainer) or (None if subcommand == "fit" else "last")
         return kwargs
 
     def after_fit(self) -> None:
@@ -408,28 +428,48 @@ def fill_run_root(config: Namespace) -> None:
     """One setting decides where a run lives: ``trainer.default_root_dir`` (default ``runs``) becomes the save_dir of
     every logger that names none, so the run directory is ``<root>/<stage>/version_N`` (the CSV logger's), W&B's
     runs go to ``<root>/<stage>/wandb`` and the checkpoints (ModelCheckpoint uses the first logger's directory) to
-    the run directory."""
+    the run directory. A logger that names its own save_dir keeps it (with a one-line warning when
+    ``default_root_dir`` was given too). The run directory is checked here, before anything is built: a fixed one
+    that another live run holds, or that holds a finished run while no ``--ckpt_path`` is given, is refused, and so
+    is ``--ckpt_path=last`` without a fixed one (a new ``version_N`` has nothing to resume)."""
     trainer = config.trainer
-    trainer.default_root_dir = root = trainer.default_root_dir or "runs"
+    given = trainer.default_root_dir
+    trainer.default_root_dir = root = given or "runs"
+    ckpt_path = config.get("ckpt_path")
     loggers = [x for x in (trainer.logger if isinstance(trainer.logger, list) else [trainer.logger])
                if isinstance(x, Namespace) and isinstance(x.get("init_args"), Namespace)]
     stage = next((x.init_args.get("name") or "" for x in loggers if x.class_path.endswith("CSVLogger")), "")
     for logger in loggers:
-        if logger.class_path.endswith("WandbLogger") and logger.init_args.get("save_dir") in (None, "."):
+        own = logger.init_args.get("save_dir")
+        if logger.class_path.endswith("WandbLogger") and own in (None, "."):
             logger.init_args.save_dir = os.path.join(root, stage)
-        elif "save_dir" in logger.init_args and logger.init_args.save_dir is None:
+        elif "save_dir" in logger.init_args and own is None:
             logger.init_args.save_dir = root
+        elif given and own not in (None, ".") and not _inside(str(own), str(given)) and rank_zero_only.rank == 0:
+            print(f"dynlab: warning: {logger.class_path.rsplit('.', 1)[-1]} save_dir {own!r} overrides "
+                  f"--trainer.default_root_dir={given} for that logger's files", file=sys.stderr)
         if logger.class_path == "dynlab.tracking.loggers.CSVLogger":  # here, since jsonargparse buries its errors
-            check_run_dir(logger.init_args.save_dir, logger.init_args.get("name"), logger.init_args.get("version"))
+            version = logger.init_args.get("version")
+            if ckpt_path == "last" and version is None:
+                raise InputError("--ckpt_path=last needs DYNLAB_RUN_VERSION (or a fixed logger version) to know "
+                                 "which run to resume", field="ckpt_path")
+            check_run_dir(logger.init_args.save_dir, logger.init_args.get("name"), version,
+                          resuming=bool(ckpt_path))
+
+
+def _inside(path: str, root: str) -> bool:
+    path, root = os.path.abspath(path), os.path.abspath(root)
+    return os.path.commonpath([path, root]) == root
 
 
 def newest_checkpoint(trainer: Trainer) -> str | None:
     """For ``--ckpt_path=last``: the newest of the run's checkpoints and Lightning's Slurm pre-emption checkpoints
     (``hpc_ckpt_*.ckpt``, saved on SIGUSR1 in ``default_root_dir``: the run directory), so a requeued job loses no
     steps."""
-    candidates = [*Path(trainer.log_dir or ".", "checkpoints").glob("*.ckpt"),
-                  *Path(trainer.default_root_dir).glob("hpc_ckpt_*.ckpt")]
-    return str(max(candidates, key=lambda p: p.stat().st_mtime)) if candidates else None
+    candidates = {*Path(trainer.log_dir or ".", "checkpoints").glob("*.ckpt"),
+                  *Path(trainer.default_root_dir).glob("hpc_ckpt_*.ckpt")}
+    # ties broken by name, so that every rank (each reads the same fixed run directory) picks the same file
+    return str(max(candidates, key=lambda p: (p.stat().st_mtime, p.name))) if candidates else None
 
 
 OVERVIEW = {

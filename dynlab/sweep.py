@@ -26,7 +26,7 @@ import yaml
 
 from dynlab.errors import InputError
 
-SUMMARY_FIXED = ("trial", "state", "metric", "run_dir", "wall_s")
+SUMMARY_FIXED = ("trial", "state", "metric", "metric_name", "run_dir", "wall_s")
 
 
 def load_sweep(path: str | os.PathLike) -> dict[str, Any]:
@@ -132,8 +132,25 @@ def run_sweep(path: str | os.PathLike, count: int, overlays: Sequence[str] = (),
     extra = [] if root is None else [f"--trainer.default_root_dir={root}"]
     summary_path = out / "summary.csv"
     rows = [r for r in read_summary(summary_path) if r["state"] == "finished"]  # failed trials are retried
+    rescored = False
     for row in rows:
         row.update(trial=int(row["trial"]), metric=float(row["metric"]))
+        if row.get("metric_name") != metric:  # scored under another metric (or by an older dynlab): score it again
+            run = Path(cwd or ".") / (row.get("run_dir") or "")
+            if not row.get("run_dir") or not (run / "metrics.csv").is_file():
+                raise InputError(f"trial {row['trial']} was scored on {row.get('metric_name') or 'an unnamed metric'}"
+                                 f" and its run {run} is gone, so it cannot be scored on {metric}: give --out for a "
+                                 "new summary", file=str(summary_path))
+            check_metric_logged(run, metric, path)
+            row.update(metric=last_value(run, metric), metric_name=metric)
+            print(f"dynlab sweep: trial {row['trial']}: scored again on {metric} from {run}", flush=True)
+            rescored = True
+    if rescored:
+        write_summary(summary_path, rows, params)
+    # every trial gets a run directory of its own: a fixed one from the caller's environment would be shared
+    env = {k: v for k, v in os.environ.items() if k != "DYNLAB_RUN_VERSION"}
+    if "DYNLAB_RUN_VERSION" in os.environ:
+        print("dynlab sweep: ignoring DYNLAB_RUN_VERSION (each trial gets its own version_N)", file=sys.stderr)
     while len(rows) < count:
         history = [SweepRun(name=str(r["trial"]), state=RunState.finished,
                             config={p: {"value": _parse(str(r[p]))} for p in params},
@@ -146,18 +163,25 @@ def run_sweep(path: str | os.PathLike, count: int, overlays: Sequence[str] = (),
         print(f"dynlab sweep: trial {trial}: {values}", flush=True)
         start = time.perf_counter()
         proc = subprocess.run([*trial_command(config, values, overlays), *extra], cwd=cwd, text=True,
-                              capture_output=True)
+                              capture_output=True, env=env)
         wall = time.perf_counter() - start
         run_dir, value, state = "", math.nan, "failed"
         if proc.returncode == 0:
             line = next(x for x in proc.stdout.splitlines() if x.startswith("dynlab: run directory: "))
             run_dir = line.removeprefix("dynlab: run directory: ").split()[0]
-            check_metric_logged(Path(cwd or ".") / run_dir, metric, path)
+            try:
+                check_metric_logged(Path(cwd or ".") / run_dir, metric, path)
+            except InputError:
+                # kept as finished (its run is whole): a rerun with the metric's right name scores it from its run
+                rows.append({"trial": trial, "state": "finished", "metric": math.nan, "metric_name": "",
+                             "run_dir": run_dir, "wall_s": round(wall, 1), **values})
+                write_summary(summary_path, rows, params)
+                raise
             value, state = last_value(Path(cwd or ".") / run_dir, metric), "finished"
         else:
             print(proc.stderr[-2000:], file=sys.stderr)
-        row = {"trial": trial, "state": state, "metric": value, "run_dir": run_dir, "wall_s": round(wall, 1),
-               **values}
+        row = {"trial": trial, "state": state, "metric": value, "metric_name": metric, "run_dir": run_dir,
+               "wall_s": round(wall, 1), **values}
         print(f"dynlab sweep: trial {trial}: {state}, {metric} = {value:.6g} ({wall:.0f} s)", flush=True)
         if state == "finished":
             rows.append(row)

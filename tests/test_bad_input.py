@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from lightning.pytorch.strategies import FSDPStrategy
 
 from dynlab.cli import main
 from tests.conftest import CONFIGS, run_dynlab
@@ -89,6 +90,8 @@ def test_cli_exit_code_and_one_line_from_a_real_process(tmp_path):
 M, D = "--model.init_args.", "--data.init_args."
 BAD_VALUES = {  # extra args, stage, what the line must name
     "negative_lr": ([f"{M}optimizer.init_args.lr=-1"], "sft", "field 'model.optimizer'"),
+    "scheduler_start_factor_2": ([f"{M}scheduler=torch.optim.lr_scheduler.LinearLR",  # not model.optimizer
+                                  f"{M}scheduler.init_args.start_factor=2"], "sft", "field 'model.scheduler'"),
     "batch_size_0": ([f"{D}batch_size=0"], "sft", "field 'data.batch_size'"),
     "negative_batch_size": ([f"{D}batch_size=-2"], "sft", "field 'data.batch_size'"),
     "probe_batch_size_0": ([f"{D}probe_batch_size=0"], "sft", "field 'data.probe_batch_size'"),
@@ -116,6 +119,20 @@ def test_bad_value(case, in_tmp, capsys):
     extra, stage, named = BAD_VALUES[case]
     line = fails_with(capsys, fit_args(write_rows(in_tmp / "p.jsonl", [GOOD] * 5), *extra, stage=stage))
     assert line.startswith("dynlab: error: ") and named in line, line
+
+
+class CPUFSDPStrategy(FSDPStrategy):
+    """Lightning's FSDPStrategy, which Lightning lets a subclass (only) select on CPU: enough for a refusal that comes
+    before the strategy starts a process group."""
+
+
+@pytest.mark.parametrize("stage", ["sft", "dpo"])
+def test_probes_under_fsdp_are_refused_before_anything_is_written(stage, in_tmp, capsys):
+    strategy = f'--trainer.strategy={{"class_path": "{__name__}.CPUFSDPStrategy"}}'
+    line = fails_with(capsys, fit_args(write_rows(in_tmp / "p.jsonl", [GOOD] * 5), strategy,
+                                       "--trainer.accelerator=cpu", "--trainer.devices=1", stage=stage))
+    assert line.startswith("dynlab: error: field 'trainer.strategy': probe evaluation under FSDP"), line
+    assert "probe_every_n_steps=0" in line and list(in_tmp.iterdir()) == [in_tmp / "p.jsonl"]  # no W&B run either
 
 
 def bad_checkpoints(root: Path) -> dict[str, tuple[Path, str]]:

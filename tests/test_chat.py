@@ -18,7 +18,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import pytest
 import torch
 
-from dynlab.chat import ChatEndpoint, ChatEndpointError, LocalChatModel, backend_from_spec
+from dynlab.chat import ChatEndpoint, ChatEndpointError, LocalChatModel, backend_from_spec, redact_spec
 from dynlab.errors import InputError, redact
 
 KEY = "sk-test-5ecret-d0-not-leak"
@@ -301,6 +301,38 @@ def test_a_bad_spec_is_an_input_error(spec):
         backend_from_spec(spec)
     message = str(err.value)
     assert "\n" not in message and "openai:BASE_URL@MODEL" in message and redact(spec) in message
+
+
+@pytest.mark.parametrize(("spec", "reason"), [
+    # @MODEL forgotten: the last @ is the userinfo's, and "KEY@host/v1" would be read as port and model
+    (f"openai:https://u:{URL_SECRET}@example.org/v1", "port is not a number"),
+    (f"openai:https://u:{URL_SECRET}@example.org/v1#MY_KEY", "port is not a number"),
+    ("openai:https://u:4321@example.org/v1", "no path and MODEL has a '/'"),  # a key that looks like a port
+    ("openai:https://@m", "no host"),
+])
+def test_a_spec_cut_inside_its_credentials_is_refused_and_never_shown(spec, reason):
+    with pytest.raises(InputError) as err:
+        backend_from_spec(spec)
+    secret = URL_SECRET if URL_SECRET in spec else ":4321"
+    assert reason in str(err.value) and "\n" not in str(err.value) and leaked(err.value, secret) == []
+    assert secret not in redact_spec(spec) and redact_spec(spec) == redact(spec)  # what a results file would record
+
+
+def test_an_endpoint_url_that_is_no_url_is_refused_without_quoting_it():
+    with pytest.raises(InputError, match="port is not a number") as err:
+        ChatEndpoint(f"https://u:{URL_SECRET}", "m")
+    assert leaked(err.value, URL_SECRET) == []
+
+
+@pytest.mark.parametrize(("spec", "shown"), [
+    ("openai:http://127.0.0.1:8000@m", None),  # no path: @m is the model, the host and port stay
+    ("openai:http://127.0.0.1:8/v1@org/m#MY_KEY", None),
+    (f"openai:https://user:{URL_SECRET}@example.org/v1@m#MY_KEY", "openai:https://***@example.org/v1@m#MY_KEY"),
+    (f"openai:https://h/v1?api_key={URL_SECRET}@m", "openai:https://h/v1?api_key=***@m"),
+    (f"hf:https://u:{URL_SECRET}@h/x", "hf:https://***@h/x"),
+])
+def test_redact_spec_hides_credentials_and_keeps_the_host(spec, shown):
+    assert redact_spec(spec) == (spec if shown is None else shown)
 
 
 def test_local_chat_model_generates_deterministically(one_thread):

@@ -13,6 +13,7 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM, LlamaForSequenceClassification
 
+from dynlab.chat import redact_spec
 from dynlab.cli import main
 from dynlab.errors import InputError
 from dynlab.evaluation.judge import (
@@ -28,7 +29,6 @@ from dynlab.evaluation.judge import (
     pair_responses,
     parse_verdict,
     read_responses,
-    redact,
     summarize_verdicts,
     win_rate,
 )
@@ -149,10 +149,12 @@ def test_display_prompt_and_messages():
 
 
 def test_redact_hides_url_credentials():
-    assert redact("openai:https://user:pw@example.org/v1@m#MY_KEY") == "openai:https://***@example.org/v1@m#MY_KEY"
-    assert redact("openai:http://127.0.0.1:8/v1@m") == "openai:http://127.0.0.1:8/v1@m"
-    assert redact("openai:http://127.0.0.1:8000@m") == "openai:http://127.0.0.1:8000@m"  # no path: @m is the model
-    assert redact("openai:https://h/v1?api_key=pw@m") == "openai:https://h/v1?api_key=***@m"
+    assert redact_spec("openai:https://user:pw@example.org/v1@m#MY_KEY") == "openai:https://***@example.org/v1@m#MY_KEY"
+    assert redact_spec("openai:http://127.0.0.1:8/v1@m") == "openai:http://127.0.0.1:8/v1@m"
+    assert redact_spec("openai:http://127.0.0.1:8000@m") == "openai:http://127.0.0.1:8000@m"  # no path: @m is the model
+    assert redact_spec("openai:https://h/v1?api_key=pw@m") == "openai:https://h/v1?api_key=***@m"
+    # no @MODEL: cut at the userinfo's @, "pw@example.org/v1" is no port and model; the whole spec is redacted
+    assert redact_spec("openai:https://user:pw@example.org/v1") == "openai:https://***@example.org/v1"
 
 
 # --- responses and pairing ------------------------------------------------------------------------------------------
@@ -281,6 +283,7 @@ def test_modes_are_reported_separately_and_can_be_selected(in_tmp, capsys):
     (["--judge", "rm:./nowhere"], "nowhere: field 'judge': rm:PATH needs a local HF directory"),
     (["--judge", "hf:./nowhere"], "no such model directory"),
     (["--judge", "openai:http://127.0.0.1:9/v1@m", "--resamples", "0"], "field 'resamples/"),
+    (["--judge", f"openai:https://u:{URL_SECRET}@127.0.0.1:9/v1"], "https://***@127.0.0.1:9/v1': BASE_URL's port"),
 ])
 def test_bad_judge_input_exits_2_and_writes_nothing(in_tmp, capsys, args, message):
     generation_file("a.jsonl", ["x"] * 5, "a")
@@ -289,7 +292,7 @@ def test_bad_judge_input_exits_2_and_writes_nothing(in_tmp, capsys, args, messag
         main(["judge", "a.jsonl", "b.jsonl", *args, "--out", "judged"])
     assert exit_.value.code == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and message in err[0], err
+    assert len(err) == 1 and message in err[0] and URL_SECRET not in err[0], err
     assert not Path("judged").exists()
 
 

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from dynlab.losses import IGNORE_INDEX, dpo_loss, response_positions, segment_mean, segment_sum, sft_loss, token_logps
+from dynlab.losses.dpo import DPOArgumentError, check_dpo_args
 
 X = IGNORE_INDEX
 
@@ -120,18 +121,24 @@ def test_ipo_and_hinge_hand_worked():
 
 
 @pytest.mark.parametrize(
-    ("kwargs", "match"),
+    ("kwargs", "argument", "match"),
     [
-        ({"beta": 0.0}, "beta"),
-        ({"label_smoothing": 0.5}, "label_smoothing"),
-        ({"label_smoothing": -0.1}, "label_smoothing"),
-        ({"label_smoothing": 0.1, "loss_type": "ipo"}, "only defined"),
-        ({"loss_type": "kto"}, "loss_type"),
+        ({"beta": 0.0}, "beta", "> 0"),
+        ({"beta": float("inf")}, "beta", "finite"),
+        ({"beta": float("nan")}, "beta", "> 0"),
+        ({"label_smoothing": 0.5}, "label_smoothing", r"\[0, 0.5\)"),
+        ({"label_smoothing": -0.1}, "label_smoothing", r"\[0, 0.5\)"),
+        ({"label_smoothing": 0.1, "loss_type": "ipo"}, "label_smoothing", "only defined"),
+        ({"loss_type": "kto"}, "loss_type", "'sigmoid', 'ipo' or 'hinge'"),
     ],
 )
-def test_dpo_rejects_bad_arguments(kwargs, match):
-    with pytest.raises(ValueError, match=match):
+def test_dpo_rejects_bad_arguments(kwargs, argument, match):
+    # one check, shared by dpo_loss and DPOModule's constructor (which names the field from ``argument``)
+    with pytest.raises(DPOArgumentError, match=match) as err:
         dpo_loss(PC, PR, RC, RR, **kwargs)
+    assert err.value.argument == argument and isinstance(err.value, ValueError)
+    with pytest.raises(DPOArgumentError, match=match):
+        check_dpo_args(**{"beta": 0.1, **kwargs})
 
 
 def test_dpo_rejects_mismatched_shapes():

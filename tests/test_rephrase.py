@@ -68,6 +68,18 @@ def test_a_failing_rephraser_is_one_line_without_its_credentials(monkeypatch, ca
     assert all(secret not in printed.out + printed.err + caplog.text for secret in (URL_SECRET, KEY))
 
 
+@pytest.mark.parametrize(("spec", "logged"), [
+    ("openai:http://127.0.0.1:8000@m", "openai:http://127.0.0.1:8000@m"),  # the host is no credential: it stays
+    (f"openai:http://user:{URL_SECRET}@127.0.0.1:8000/v1@m", "openai:http://***@127.0.0.1:8000/v1@m"),
+    (f"openai:https://user:{URL_SECRET}@example.org/v1", "openai:https://***@example.org/v1"),  # no @MODEL
+])
+def test_the_data_module_logs_the_rephraser_spec_redacted_as_the_judge_does(spec, logged):
+    from dynlab.data.datamodule import ProbeDataModule
+
+    dm = ProbeDataModule(rephraser=spec)
+    assert dm.hparams.rephraser == dm.hparams_initial.rephraser == logged and dm._rephraser == spec
+
+
 def test_rephrase_messages_name_the_instruction_and_the_text():
     [message] = rephrase_messages("  Hi there!\n", "format")
     assert message["role"] == "user"
@@ -134,3 +146,26 @@ def test_rephraser_credentials_are_written_nowhere_in_the_run(tmp_path):
     assert any(p.name == "config.yaml" for p in files) and any(p.suffix == ".wandb" for p in files)
     assert [p for p in files if URL_SECRET.encode() in p.read_bytes()] == []
     assert URL_SECRET not in proc.stdout + proc.stderr
+
+
+@pytest.mark.parametrize("rank", [0, 1])
+def test_only_rank_0_starts_the_redacted_wandb_run_even_before_the_processes_launch(rank, tmp_path, monkeypatch):
+    # before Lightning launches the DDP processes, trainer.is_global_zero is True in every local child
+    from types import SimpleNamespace
+
+    from lightning.pytorch.loggers import WandbLogger
+    from lightning.pytorch.utilities import rank_zero_only
+
+    from dynlab.cli import start_wandb_redacted
+
+    started = []
+
+    class RecordingWandbLogger(WandbLogger):
+        @property
+        def experiment(self):
+            started.append(rank)
+
+    monkeypatch.setattr(rank_zero_only, "rank", rank)
+    start_wandb_redacted(SimpleNamespace(is_global_zero=True, loggers=[RecordingWandbLogger(save_dir=str(tmp_path),
+                                                                                             offline=True)]))
+    assert started == ([0] if rank == 0 else [])

@@ -4,14 +4,18 @@ end through W&B's own sweep engine, and an interrupted sweep resumes without red
 from __future__ import annotations
 
 import csv
+import os
+import shutil
+import subprocess
 from pathlib import Path
 
 import pytest
 import yaml
 
+from dynlab import sweep as sweep_module
 from dynlab.cli import main
 from dynlab.errors import InputError
-from dynlab.sweep import check_metric_logged, trial_command
+from dynlab.sweep import check_metric_logged, run_sweep, trial_command
 from sweeps import schema_violations_from_proposed_config
 from tests.conftest import CONFIGS, REPO
 
@@ -124,3 +128,60 @@ def test_a_sweep_runs_under_the_root_and_refuses_a_metric_no_run_logs(in_tmp, ca
     assert exit_.value.code == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and f"logged no metric '{sweep['metric']['name']}'" in err[0]
+
+
+class FakeTrials:
+    """``subprocess.run`` for the sweep's trials: each "trial" writes a run directory whose metrics.csv logs
+    ``probe/test/logp/chosen`` (= the trial's number) and records the environment it was given."""
+
+    def __init__(self, monkeypatch):
+        self.envs: list[dict] = []
+        monkeypatch.setattr(sweep_module.subprocess, "run", self)
+
+    def __call__(self, cmd, cwd=None, env=None, **kwargs):
+        n = len(self.envs)
+        self.envs.append(dict(env if env is not None else os.environ))
+        run = Path(cwd or ".", "runs", "sft", f"version_{n}")
+        run.mkdir(parents=True)
+        (run / "metrics.csv").write_text(f"epoch,probe/test/logp/chosen,step\n0,{-n},0\n")
+        return subprocess.CompletedProcess(cmd, 0, stdout=f"dynlab: run directory: runs/sft/version_{n}  (...)\n",
+                                           stderr="")
+
+
+def write_sweep(path: Path, metric: str) -> Path:
+    sweep = yaml.safe_load((REPO / "sweeps" / "sft_lr_epochs.yaml").read_text())
+    sweep["metric"]["name"] = metric
+    path.write_text(yaml.safe_dump(sweep))
+    return path
+
+
+def test_trials_never_share_a_fixed_run_directory_from_the_environment(in_tmp, monkeypatch, capsys):
+    monkeypatch.setenv("DYNLAB_RUN_VERSION", "mine")
+    trials = FakeTrials(monkeypatch)
+    run_sweep(write_sweep(in_tmp / "s.yaml", "probe/test/logp/chosen"), 2)
+    assert len(trials.envs) == 2 and not any("DYNLAB_RUN_VERSION" in env for env in trials.envs)
+    assert "ignoring DYNLAB_RUN_VERSION" in capsys.readouterr().err
+
+
+def test_a_trial_refused_for_its_metric_is_kept_and_scored_on_the_right_name_next_time(in_tmp, monkeypatch):
+    trials = FakeTrials(monkeypatch)
+    with pytest.raises(InputError, match="logged no metric 'probe/test/logp/chosn'"):
+        run_sweep(write_sweep(in_tmp / "s.yaml", "probe/test/logp/chosn"), 2)
+    summary = Path("runs/sweeps/s/summary.csv")
+    (row,) = csv.DictReader(summary.open())  # the finished trial is in the summary, not orphaned
+    assert (row["state"], row["run_dir"]) == ("finished", "runs/sft/version_0")
+    rows = run_sweep(write_sweep(in_tmp / "s.yaml", "probe/test/logp/chosen"), 1)  # the name fixed
+    assert len(trials.envs) == 1  # not run again: scored from its run
+    assert [(r["metric"], r["metric_name"]) for r in rows] == [(0.0, "probe/test/logp/chosen")]
+    assert next(csv.DictReader(summary.open()))["metric_name"] == "probe/test/logp/chosen"
+
+
+def test_trials_scored_on_another_metric_are_scored_again_or_refused(in_tmp, monkeypatch):
+    FakeTrials(monkeypatch)
+    run_sweep(write_sweep(in_tmp / "s.yaml", "probe/test/logp/chosen"), 1)
+    (Path("runs/sft/version_0/metrics.csv")).write_text("epoch,probe/test/logp/chosen,probe/other,step\n0,0,5,0\n")
+    rows = run_sweep(write_sweep(in_tmp / "s.yaml", "probe/other"), 1)
+    assert [(r["metric"], r["metric_name"]) for r in rows] == [(5.0, "probe/other")]  # not the old metric's 0
+    shutil.rmtree("runs/sft/version_0")
+    with pytest.raises(InputError, match="trial 0 was scored on probe/other and its run .* is gone"):
+        run_sweep(write_sweep(in_tmp / "s.yaml", "probe/test/logp/chosen"), 1)

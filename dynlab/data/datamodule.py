@@ -11,7 +11,7 @@ from typing import Literal
 import lightning as L
 from torch.utils.data import DataLoader, DistributedSampler
 
-from dynlab.chat import backend_from_spec
+from dynlab.chat import backend_from_spec, redact_spec
 from dynlab.data.formats import load_rows
 from dynlab.data.probes import build_probe_rows
 from dynlab.data.rephrase import add_rephrases
@@ -24,7 +24,7 @@ from dynlab.data.tokenize import (
     encode_row,
     keep_prompt_end,
 )
-from dynlab.errors import InputError, redact
+from dynlab.errors import InputError
 
 log = logging.getLogger(__name__)
 
@@ -173,7 +173,7 @@ class ProbeDataModule(L.LightningDataModule):
         # the spec as given (an endpoint URL may carry credentials); the logged hyperparameters keep it redacted
         self._rephraser = rephraser
         if rephraser:  # the live values and the copy Lightning logs (hparams_initial)
-            self.hp.rephraser = self._hparams_initial.rephraser = redact(rephraser)
+            self.hp.rephraser = self._hparams_initial.rephraser = redact_spec(rephraser)
         self._prepared_for: tuple | None = None
         self._heldout_origin: tuple[str, int] = (source, 0)
         self.train_examples: list[dict] = []

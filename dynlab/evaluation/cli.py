@@ -109,6 +109,7 @@ def judge_command(argv: Sequence[str]) -> None:
     _check(args.tie_margin >= 0 and args.retries >= 0 and args.timeout > 0, "must be >= 0", "tie_margin/retries")
 
     from dynlab import __version__
+    from dynlab.chat import redact_spec
     from dynlab.evaluation.generation import write_text_atomic
     from dynlab.evaluation.judge import (
         JUDGE_PROMPT,
@@ -116,7 +117,6 @@ def judge_command(argv: Sequence[str]) -> None:
         judge_pairs,
         pair_responses,
         read_responses,
-        redact,
         summarize_verdicts,
         summary_markdown,
     )
@@ -140,7 +140,7 @@ def judge_command(argv: Sequence[str]) -> None:
     modes = sorted({r["mode"] for r in records if r["mode"] is not None})
     summary = {
         "a": {"label": labels[0], "file": args.a}, "b": {"label": labels[1], "file": args.b},
-        "judge": redact(args.judge), "judge_kind": type(judge).__name__, "prompt_template": JUDGE_PROMPT,
+        "judge": redact_spec(args.judge), "judge_kind": type(judge).__name__, "prompt_template": JUDGE_PROMPT,
         "tie_margin": args.tie_margin, "max_chars": args.max_chars, "bootstrap": stats, "dynlab_version": __version__,
         "seconds": round(time.monotonic() - start, 1),
         "overall": summarize_verdicts(records, **stats),

@@ -17,7 +17,6 @@ import torch
 
 from dynlab.chat import ChatBackend, ChatEndpoint, backend_from_spec
 from dynlab.errors import InputError
-from dynlab.errors import redact as redact_text
 
 Verdict = Literal["A", "B", "tie"]
 Outcome = Literal["win", "loss", "tie"]
@@ -252,15 +251,6 @@ def judge_from_spec(spec: str, *, tie_margin: float = 0.0, batch_size: int = 8, 
 
         return RewardModelJudge(resolve_model(rest), tie_margin=tie_margin, batch_size=batch_size)
     raise InputError(f"expected {JUDGE_SPECS}", field="judge")
-
-
-def redact(spec: str) -> str:
-    """A judge spec safe to record: credentials in its URL (``user:password@``, ``?api_key=``) become ``***``; the
-    model after the URL's last ``@`` is kept (an API key belongs in the variable named after ``#``, never in a spec).
-    """
-    kind, _, rest = spec.partition(":")
-    url, at, model = rest.rpartition("@")
-    return f"{kind}:{redact_text(url)}@{redact_text(model)}" if kind == "openai" and at else redact_text(spec)
 
 
 # --- responses and pairs --------------------------------------------------------------------------------------------

@@ -110,13 +110,18 @@ class CausalLMModule(L.LightningModule):
         self._unlogged_row: dict | None = None  # carried by the checkpoint this run resumed from
 
     # ---- set-up ---------------------------------------------------------------------------------------------------
-    def setup(self, stage: str) -> None:
-        if uses_fsdp(self.trainer) and self.hparams.probe_every_n_steps:
+    def check_strategy(self, trainer: L.Trainer) -> None:
+        """Refuse a strategy this module cannot run under (InputError). ``dynlab`` calls it before the run directory
+        is written; :meth:`setup` again, for a Trainer built by hand."""
+        if uses_fsdp(trainer) and self.hparams.probe_every_n_steps:
             # probe scoring calls the policy outside FSDP's root forward, with a different number of forwards per
             # rank: every rank would wait on the others' all-gathers
             raise InputError("probe evaluation under FSDP is not supported yet: set "
                              "--model.init_args.probe_every_n_steps=0 (configs/strategies/fsdp.yaml does)",
                              field="trainer.strategy")
+
+    def setup(self, stage: str) -> None:
+        self.check_strategy(self.trainer)
         self._run_dir = Path(self.trainer.log_dir or self.trainer.default_root_dir)
         self.init_probe_state(self.trainer.datamodule)
 

@@ -6,14 +6,13 @@
 from __future__ import annotations
 
 import copy
-import math
-from typing import Any, ClassVar, Literal
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor, nn
 
 from dynlab.errors import InputError
-from dynlab.losses.dpo import dpo_loss
+from dynlab.losses.dpo import DPOArgumentError, LossType, check_dpo_args, dpo_loss
 from dynlab.models.forward import pair_rows, shared_prompt_hidden_rows, shares_kv_cache
 from dynlab.modules.base import CausalLMModule, disable_dropout, uses_fsdp
 
@@ -39,16 +38,12 @@ class DPOModule(CausalLMModule):
     training_view: ClassVar[str] = "dpo"
 
     def __init__(self, *args: Any, beta: float = 0.1, label_smoothing: float = 0.0,
-                 loss_type: Literal["sigmoid", "ipo", "hinge"] = "sigmoid", precompute_ref_logps: bool = False,
-                 **kwargs: Any):
+                 loss_type: LossType = "sigmoid", precompute_ref_logps: bool = False, **kwargs: Any):
         # refused before the weights load (dpo_loss would only refuse them at the first training step)
-        if not 0 < beta < math.inf:
-            raise InputError(f"must be > 0, got {beta}", field="model.beta")
-        if not 0 <= label_smoothing < 0.5:
-            raise InputError(f"must be in [0, 0.5), got {label_smoothing}", field="model.label_smoothing")
-        if label_smoothing and loss_type != "sigmoid":
-            raise InputError(f"cDPO's label smoothing needs loss_type 'sigmoid', got {loss_type!r}",
-                             field="model.label_smoothing")
+        try:
+            check_dpo_args(beta, label_smoothing, loss_type)
+        except DPOArgumentError as err:
+            raise InputError(err.message, field=f"model.{err.argument}") from None
         super().__init__(*args, **kwargs)
         self.save_hyperparameters(ignore=["optimizer", "scheduler"])
         # kept out of the module tree: not trained, not checkpointed (it is rebuilt from the initial weights)
