@@ -23,7 +23,7 @@ from dynlab.cli import main
 from dynlab.errors import InputError
 from dynlab.tracking import loggers
 from dynlab.tracking.loggers import LOCK_FILE, CSVLogger, acquire_run_lock, check_run_version, release_run_lock
-from tests.conftest import CONFIGS, REPO
+from tests.conftest import CONFIGS, REPO, run_dynlab
 
 TINY_SFT = ["fit", "--config", str(CONFIGS / "sft.yaml"), "--config", str(CONFIGS / "tiny.yaml")]
 
@@ -66,17 +66,19 @@ def no_flock(monkeypatch):
     monkeypatch.setattr(loggers.fcntl, "flock", flock)
 
 
-def test_default_root_dir_holds_every_file_of_the_run(in_tmp, monkeypatch, capsys):
-    monkeypatch.setenv("WANDB_MODE", "offline")
-    main([*TINY_SFT, "--trainer.default_root_dir=tmp/elsewhere"])
-    assert not Path("runs").exists() and sorted(p.name for p in in_tmp.iterdir()) == ["tmp"]
+def test_default_root_dir_holds_every_file_of_the_run(tmp_path):
+    # a fresh process: W&B reads WANDB_MODE once per process, and other tests ran it disabled
+    proc = run_dynlab(*TINY_SFT, "--trainer.default_root_dir=tmp/elsewhere", cwd=tmp_path, timeout=600,
+                      env={"WANDB_MODE": "offline"})
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["tmp"]  # nothing in ./runs
     run = Path("tmp/elsewhere/sft/version_0")
     for name in ("metrics.csv", "config.yaml", "checkpoints/last.ckpt", "probes/probe_test.jsonl", "figures",
                  "export/config.json"):
-        assert (run / name).exists(), name
-    assert list(Path("tmp/elsewhere/sft/wandb").glob("offline-run-*"))
-    assert not (run / LOCK_FILE).exists()  # released at the end
-    assert f"dynlab: run directory: {run}" in capsys.readouterr().out
+        assert (tmp_path / run / name).exists(), name
+    assert list((tmp_path / "tmp/elsewhere/sft/wandb").glob("offline-run-*"))
+    assert not (tmp_path / run / LOCK_FILE).exists()  # released at the end
+    assert f"dynlab: run directory: {run}" in proc.stdout
 
 
 def test_the_root_is_filled_in_only_for_loggers_that_name_none():
