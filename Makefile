@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.dynlab-installed
 PIP := $(BIN)/python -m pip install -q -c constraints.txt
 
-.PHONY: install demo test test-fast test-slow lint clean compare-extend bench
+.PHONY: install demo test test-fast test-slow lint clean compare-extend bench reproduce
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -42,6 +42,13 @@ lint: install
 # judge's win rate, in runs/compare-extend/report.md (about 20 minutes on 2 idle CPU cores; THREADS=1 on busy ones)
 compare-extend: install
 	DYNLAB=$(BIN)/dynlab PYTHON=$(BIN)/python scripts/compare_extend.sh
+
+# The paper's picture on real data (PAPER_NOTES §6-9): SFT and ExtendSFT, then the same DPO from each, on DATA (default
+# the shared HH helpful-base rows; any file dynlab reads), the signatures checked, runs/reproduce/report.html.
+# Rerunning continues where it stopped. About 30 minutes on 2 idle CPU cores.
+DATA ?= ../shared/data/hh_probe/probe_test.jsonl
+reproduce: install
+	$(BIN)/dynlab reproduce --data $(DATA) $(REPRODUCE_ARGS)
 
 # dynlab against TRL, a bare PyTorch loop and the paper's probe evaluation: benchmarks/results/*.json and RESULTS.md
 # (about 31 minutes on 2 idle CPU cores, 40 under load; BENCH_ARGS=--quick: 4 minutes; on a GPU: "--device cuda --dtype bf16")

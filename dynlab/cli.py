@@ -34,6 +34,7 @@ from dynlab.data.datamodule import ProbeDataModule
 from dynlab.errors import InputError, redact
 from dynlab.models.load import read_checkpoint
 from dynlab.modules.base import CausalLMModule
+from dynlab.threads import configure_threads
 from dynlab.tracking.loggers import CSVLogger, check_run_dir
 from dynlab.tracking.progress import StepProgressBar
 
@@ -276,6 +277,9 @@ class DynlabCLI(LightningCLI):
             # None on a fixed-version run's first start (a Slurm job's, say): nothing to resume yet, and Lightning
             # would warn that there is no last checkpoint
             kwargs["ckpt_path"] = newest_checkpoint(self.trainer) or (None if subcommand == "fit" else "last")
+        if subcommand == "fit" and self.trainer.loggers and rank_zero_only.rank == 0:  # where to look, from the start
+            print(f"dynlab: run directory: {self.trainer.log_dir}  "
+                  f"({'resuming' if kwargs.get('ckpt_path') else 'starting'})", flush=True)
         return kwargs
 
     def after_fit(self) -> None:
@@ -421,7 +425,9 @@ def _lazy(module: str, name: str):
 SUBCOMMANDS = {"plot": plot_command, "probe": probe_command, "sweep": sweep_command, "slurm": slurm_command,
                "toy": _lazy("dynlab.dynamics.toy_cli", "toy_command"),
                "generate": _lazy("dynlab.evaluation.cli", "generate_command"),
-               "judge": _lazy("dynlab.evaluation.cli", "judge_command")}
+               "judge": _lazy("dynlab.evaluation.cli", "judge_command"),
+               "report": _lazy("dynlab.evaluation.html_report", "main"),
+               "reproduce": _lazy("dynlab.reproduce", "main")}
 
 
 def fill_run_root(config: Namespace) -> None:
@@ -477,6 +483,8 @@ OVERVIEW = {
     "validate": "one probe evaluation of a model or checkpoint (--ckpt_path)",
     "test": "the same evaluation through Lightning's test loop",
     "plot": "paper-style PNG figures from one or more runs' probe trajectories",
+    "report": "one self-contained HTML page: signatures, figures, curves, configs, probe examples",
+    "reproduce": "the paper's picture on real data: SFT/ExtendSFT -> DPO, signatures checked, report (make reproduce)",
     "probe": "build a probe set in the paper's jsonl format (probe build ...)",
     "sweep": "run a W&B sweep YAML locally, one dynlab fit per trial, with a summary table",
     "slurm": "write (and --submit) an sbatch script running dynlab fit or sweep on N nodes",
@@ -529,6 +537,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         if not args:
             sys.exit(2)
         return
+    configure_threads()  # DYNLAB_THREADS, else the CPUs this process may use, unless the user set OMP_NUM_THREADS
     if args and args[0] in SUBCOMMANDS:
         try:
             SUBCOMMANDS[args[0]](args[1:])

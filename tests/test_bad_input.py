@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import shutil
 from pathlib import Path
 
 import pytest
@@ -38,20 +39,51 @@ def fails_with(capsys, args: list[str]) -> str:
     return err[0]
 
 
-BAD_ROWS = {
-    "missing_field": ({k: v for k, v in GOOD.items() if k != "rejected"}, "row 3", "'rejected'"),
-    "non_string": ({**GOOD, "chosen": 5}, "row 3", "'chosen'"),
-    "empty_response": ({**GOOD, "rejected": "   "}, "row 3", "'rejected'"),
-    "unparseable": ('{"prompt": "x", "chosen": ', "row 3", ""),
+BAD_ROWS = {  # the row, what the line must name, the stage
+    "missing_rejected_for_dpo": ({k: v for k, v in GOOD.items() if k != "rejected"}, "row 3", "'rejected'", "dpo"),
+    "non_string": ({**GOOD, "chosen": 5}, "row 3", "'chosen'", "sft"),
+    "empty_response": ({**GOOD, "rejected": "   "}, "row 3", "'rejected'", "sft"),  # given, so checked, in SFT too
+    "unparseable": ('{"prompt": "x", "chosen": ', "row 3", "", "sft"),
 }
 
 
 @pytest.mark.parametrize("case", BAD_ROWS)
 def test_bad_row(case, in_tmp, capsys):
-    bad, row, field = BAD_ROWS[case]
+    bad, row, field, stage = BAD_ROWS[case]
     data = write_rows(in_tmp / "prefs.jsonl", [GOOD, GOOD, bad, GOOD, GOOD])
-    line = fails_with(capsys, fit_args(data))
+    line = fails_with(capsys, fit_args(data, stage=stage))
     assert line.startswith("dynlab: error: ") and str(data) in line and row in line and field in line
+
+
+SFT_ONLY = {  # rows with the preferred response alone, in each format; of the 3 training rows, how many lack it
+    "flat": ([{"prompt": GOOD["prompt"], "chosen": GOOD["chosen"]}], 3),
+    "hh": ([{"chosen": GOOD["prompt"] + GOOD["chosen"]}], 3),
+    "chat_messages": ([{"messages": [{"role": "user", "content": "What is the capital of France?"},
+                                     {"role": "assistant", "content": "Paris."}]}], 3),
+    "mixed_with_null": ([GOOD, {"prompt": GOOD["prompt"], "chosen": GOOD["chosen"], "rejected": None}], 1),
+}
+
+
+@pytest.mark.parametrize("case", SFT_ONLY)
+def test_sft_trains_on_rows_without_rejected_and_dpo_refuses_them(case, in_tmp, capsys, caplog):
+    rows, lacking = SFT_ONLY[case]
+    data = write_rows(in_tmp / "sft.jsonl", rows * 6)
+    for stage in ("sft", "extend_sft"):
+        with caplog.at_level(logging.WARNING, logger="dynlab.data.datamodule"):
+            main(fit_args(data, "--trainer.max_steps=2", "--model.init_args.probe_every_n_steps=2", stage=stage))
+        run = next(Path("runs", stage).glob("version_*"))
+        assert (run / "export" / "config.json").is_file()
+        said = [r.getMessage() for r in caplog.records]
+        skipped = [m for m in said if m.startswith("probe types skipped")]
+        assert len(skipped) == 1 and "'rejected'" in skipped[0]  # every row lacks it (mixed: the first 3 rows too)
+        extend = [m for m in said if m.startswith("ExtendSFT:")]
+        assert extend == ([f"ExtendSFT: {lacking} of 3 training rows have no rejected response: those train "
+                           "on their chosen response alone"] if stage == "extend_sft" else [])
+        caplog.clear()
+    capsys.readouterr()
+    shutil.rmtree("runs")
+    line = fails_with(capsys, fit_args(data, stage="dpo"))
+    assert f"{data}: row " in line and "field 'rejected': " in line, line  # missing, or null
 
 
 def test_pair_that_cannot_fit_max_length(in_tmp, capsys):
@@ -107,6 +139,8 @@ BAD_VALUES = {  # extra args, stage, what the line must name
     "negative_num_train": ([f"{D}num_train=-1"], "sft", "field 'data.num_train'"),
     "num_heldout_0": ([f"{D}num_heldout=0"], "sft", "field 'data.num_heldout'"),
     "probe_size_0": ([f"{D}probe_size=0"], "sft", "probe_every_n_steps=0"),
+    "probe_train_size_0": ([f"{D}probe_train_size=0"], "sft", "field 'data.probe_train_size'"),
+    "probe_test_size_0": ([f"{D}probe_test_size=0"], "sft", "field 'data.probe_test_size'"),
     "max_length_1": ([f"{D}max_length=1"], "sft", "field 'data.max_length'"),
     "chosen_initial_max_tokens_0": ([f"{D}chosen_initial_max_tokens=0"], "sft",
                                     "field 'data.chosen_initial_max_tokens'"),
@@ -175,9 +209,25 @@ def test_probe_size_larger_than_the_data_is_said(caplog):
     dm = ProbeDataModule(num_train=3, num_heldout=2, probe_size=5)
     with caplog.at_level(logging.WARNING, logger="dynlab.data.datamodule"):
         sets = dm.build_probe_sets(tiny_tokenizer())
-    said = [r.getMessage() for r in caplog.records if "probe_size" in r.getMessage()]
-    assert len(said) == 1 and "5" in said[0] and "probe_train 3" in said[0] and "probe_test 2" in said[0], said
+    said = [r.getMessage() for r in caplog.records if "probe_" in r.getMessage()]
+    assert said == ["data.probe_size is 5, but only 3 probe_train rows are available: probing those",
+                    "data.probe_size is 5, but only 2 probe_test rows are available: probing those"], said
     assert [len(sets["train"]), len(sets["test"])] == [3, 2]
+
+
+def test_each_probe_split_has_its_own_size(caplog):
+    from dynlab.data.datamodule import ProbeDataModule
+    from dynlab.models.load import tiny_tokenizer
+
+    dm = ProbeDataModule(num_train=8, num_heldout=4, probe_size=3, probe_train_size=6, probe_test_size=5)
+    with caplog.at_level(logging.WARNING, logger="dynlab.data.datamodule"):
+        sets = dm.build_probe_sets(tiny_tokenizer())
+    assert [len(sets["train"]), len(sets["test"])] == [6, 4]
+    said = [r.getMessage() for r in caplog.records if "probe_" in r.getMessage()]
+    assert said == ["data.probe_test_size is 5, but only 4 probe_test rows are available: probing those"], said
+    sets = ProbeDataModule(num_train=8, num_heldout=4, probe_size=3, probe_test_size=2).build_probe_sets(
+        tiny_tokenizer())
+    assert [len(sets["train"]), len(sets["test"])] == [3, 2]  # None: probe_size
 
 
 # ---- configuration errors: the reason first, on one line, not 60-75 lines of usage --------------------------------

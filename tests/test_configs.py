@@ -6,9 +6,13 @@ import pytest
 import yaml
 
 from dynlab.cli import main
+from dynlab.reproduce import STAGES as STAGES_OF_RECIPE
+from dynlab.reproduce import stage_command
 from tests.conftest import CONFIGS
 
-STAGES = sorted(p for p in CONFIGS.rglob("*.yaml") if p.name != "tiny.yaml" and "strategies" not in p.parts)
+# overlays (tiny, strategies, the reproduce recipe's per-stage overlays) are parsed stacked, below
+STAGES = sorted(p for p in CONFIGS.rglob("*.yaml")
+                if p.name != "tiny.yaml" and not {"strategies", "reproduce"} & set(p.parts))
 
 
 def _print_config(capsys, *args: str) -> dict:
@@ -32,6 +36,28 @@ def test_tiny_overlay_stacks(config, capsys):
     assert cfg["model"]["init_args"]["policy"]["name_or_path"] == "tiny"
     assert cfg["model"]["init_args"]["probe_every_n_steps"] == 2
     assert cfg["data"]["init_args"]["num_train"] == 16
+
+
+@pytest.mark.parametrize("scale, sizes", [("cpu", None), ("cpu", CONFIGS / "reproduce" / "quick"), ("paper", None)])
+@pytest.mark.parametrize("stage", STAGES_OF_RECIPE, ids=lambda s: s.name)
+def test_every_reproduce_stage_parses_as_dynlab_reproduce_stacks_it(stage, scale, sizes, capsys, tmp_path):
+    args = stage_command(stage, CONFIGS, scale, "rows.jsonl" if scale == "cpu" else None, tmp_path, [], [], sizes)
+    cfg = _print_config(capsys, *args[1:])
+    init = cfg["model"]["init_args"]
+    assert (init.get("init_from") is not None) == (stage.parent is not None)
+    assert cfg["trainer"]["default_root_dir"] == str(tmp_path)
+    data = cfg["data"]["init_args"]
+    if scale == "paper":
+        assert data["source"] == "Anthropic/hh-rlhf" and init["policy"]["name_or_path"] == "EleutherAI/pythia-410m"
+    else:
+        assert data["source"] == "rows.jsonl" and data["num_train"] == 40 and data["rebuild_irr_train"] is True
+        assert init["policy"]["name_or_path"] == "embedded:smollm2-135m-instruct"
+        quick = sizes is not None
+        assert data["probe_train_size"] == (6 if quick else 12)
+        if stage.base == "dpo":
+            assert cfg["trainer"]["max_steps"] == (20 if quick else 40) and init["precompute_ref_logps"] is True
+        else:
+            assert cfg["trainer"]["max_steps"] == (30 if quick else 60)
 
 
 def test_omegaconf_interpolation(tmp_path, capsys):

@@ -192,6 +192,46 @@ def test_empty_responses_allowed_in_probe_rows_and_on_request() -> None:
     assert parse_row({**FLAT, "rejected": ""}, file="f", row=1, allow_empty=True)["rejected"] == ""
 
 
+SFT_ROWS = [  # the preferred response alone: flat, HH, chat chosen list, one chat `messages` conversation, a null
+    {"prompt": FLAT["prompt"], "chosen": " Hello!"},
+    {"chosen": FLAT["prompt"] + " Hello!"},
+    {"chosen": _chat(("user", "Hi"), ("assistant", "Hello!"))},
+    {"messages": _chat(("user", "Hi"), ("assistant", "Hello!"))},
+    {"prompt": FLAT["prompt"], "chosen": " Hello!", "rejected": None},
+]
+
+
+@pytest.mark.parametrize("raw", SFT_ROWS, ids=["flat", "hh", "chat", "messages", "null_rejected"])
+def test_sft_rows_parse_without_rejected_and_dpo_rows_still_need_it(raw: dict) -> None:
+    assert parse_row(raw, file="f", row=1, require_rejected=False) == {"prompt": FLAT["prompt"], "chosen": " Hello!"}
+    with pytest.raises(InputError, match="missing field|got null") as info:
+        parse_row(raw, file="sft.jsonl", row=7)
+    assert (info.value.file, info.value.row, info.value.field) == ("sft.jsonl", 7, "rejected")
+
+
+def test_a_rejected_that_is_there_is_still_checked_in_sft_rows() -> None:
+    for raw, match in (({**FLAT, "rejected": " "}, "empty"), ({**FLAT, "rejected": 3}, "got a number"),
+                       ({"chosen": FLAT["prompt"] + " a", "rejected": "\n\nHuman: other\n\nAssistant: b"}, "differs"),
+                       ({"messages": _chat(("user", "Hi"), ("assistant", "a")),
+                         "rejected": _chat(("user", "Yo"), ("assistant", "b"))}, "differ")):
+        with pytest.raises(InputError, match=match) as info:
+            parse_row(raw, file="f", row=1, require_rejected=False)
+        assert info.value.field == "rejected"
+
+
+def test_a_messages_conversation_must_end_with_the_assistant() -> None:
+    with pytest.raises(InputError, match="last message") as info:
+        parse_row({"messages": _chat(("user", "Hi"))}, file="f", row=2, require_rejected=False)
+    assert info.value.field == "messages"
+
+
+def test_load_rows_of_sft_data(tmp_path: Path) -> None:
+    path = _write_jsonl(tmp_path / "sft.jsonl", [json.dumps(r) for r in SFT_ROWS])
+    assert load_rows(str(path), require_rejected=False) == [{"prompt": FLAT["prompt"], "chosen": " Hello!"}] * 5
+    with pytest.raises(InputError, match="row 1: field 'rejected': missing field"):
+        load_rows(str(path))
+
+
 # --- load_rows: local files ------------------------------------------------------------------------------------------
 
 

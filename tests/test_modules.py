@@ -202,3 +202,44 @@ def test_reference_is_frozen_and_dropout_free(tiny_spec):
     with torch.no_grad():
         for p, q in zip(module.policy.parameters(), module.reference.parameters()):
             assert torch.equal(p, q) and p.data_ptr() != q.data_ptr()
+
+
+def test_fit_names_its_run_directory_first_shows_probe_progress_and_writes_its_timing(in_tmp, capsys, monkeypatch):
+    import json
+
+    from dynlab.modules import base
+
+    monkeypatch.setattr(base, "PROBE_PROGRESS_AFTER_S", 0.0)  # every evaluation counts as a long one
+    run = fit("sft", "--data.init_args.probe_batch_size=2")  # 2 batches per split (probe_size 4)
+    out, err = capsys.readouterr()
+    said = [line for line in out.splitlines() if line.startswith("dynlab: run directory: ")]
+    assert said[0] == f"dynlab: run directory: {run}  (starting)"  # printed before training, then again at the end
+    assert said[1].startswith(f"dynlab: run directory: {run}  (metrics.csv")
+    progress = [line for line in err.split("\n") if "dynlab: probe evaluation" in line]
+    # steps 0, 3 and 6, two splits of 2 batches each: every batch passes another tenth, one whole line each
+    assert [line.split(" batches")[0] for line in progress] == [
+        f"dynlab: probe evaluation at step {step}: probe_{split} {done}/2" for step in (0, 3, 6)
+        for split in ("train", "test") for done in (1, 2)]
+    assert all(line.startswith("dynlab: ") and line.endswith(" s elapsed") for line in progress)
+    timing = json.loads((run / "timing.json").read_text())
+    assert list(timing) == ["train_s", "probe_eval_s", "export_s", "total_s"]
+    assert all(value > 0 for value in timing.values())
+    assert timing["train_s"] + timing["probe_eval_s"] + timing["export_s"] == pytest.approx(timing["total_s"], abs=0.01)
+
+
+def test_probe_progress_is_one_line_per_tenth_only_when_slow_and_only_on_rank_0(capsys, monkeypatch):
+    from dynlab.modules.base import ProbeProgress
+
+    def lines(progress: ProbeProgress, total: int = 25) -> list[str]:
+        progress.begin("test", total)
+        for done in range(1, total + 1):
+            progress.update(done)
+        return capsys.readouterr().err.splitlines()
+
+    shown = lines(ProbeProgress(step=7, enabled=True, after_s=0.0))
+    assert [line.split(": probe_test ")[1].split(" ")[0] for line in shown] == [
+        "1/25", "3/25", "5/25", "8/25", "10/25", "13/25", "15/25", "18/25", "20/25", "23/25", "25/25"]
+    assert shown[0].startswith("dynlab: probe evaluation at step 7: probe_test 1/25 batches, ")
+    assert lines(ProbeProgress(step=7, enabled=False, after_s=0.0)) == []  # rank > 0
+    assert lines(ProbeProgress(step=7, enabled=True, after_s=3600.0)) == []  # a quick evaluation says nothing
+    assert len(lines(ProbeProgress(step=7, enabled=True, after_s=0.0), total=1000)) == 11  # not one per batch

@@ -153,3 +153,65 @@ def test_real_probe_rows_keep_their_types_and_rebuild_the_missing_ones() -> None
         assert new["irr_test"] in {row["chosen"] for row in pool}
         assert sorted(new["random_permute"].split()) == sorted(old["chosen"].split())
         assert len(new["irr_hum"].split()) == len(old["chosen"].split())
+
+
+def test_rows_without_rejected_skip_it_and_naming_it_says_why(data: dict) -> None:
+    rows = [{"prompt": r["prompt"], "chosen": r["chosen"]} for r in data["probe"]]
+    probe_rows, skipped = _build(data, rows)
+    assert "rejected" in skipped and set(probe_rows[0]) == {"prompt", *DETERMINISTIC_TYPES} - {"rejected"}
+    with pytest.raises(InputError, match="SFT data without rejected responses") as info:
+        _build(data, rows, types=["chosen", "rejected"])
+    assert info.value.field == "rejected"
+
+
+# ---- the data module's irr_train: carried by the data, or rebuilt from the training rows ---------------------------
+def _probe_file(tmp_path: Path, n: int = 12) -> Path:
+    """Probe-format rows whose own irr_train is the chosen response of no row in the file (as in the paper's file,
+    whose irr_train comes from training rows it does not hold), except row 2's, which is row 0's chosen."""
+    import json
+
+    rows = [{"prompt": f"\n\nHuman: Question {i}?\n\nAssistant:", "chosen": f" Answer {i}.",
+             "rejected": f" No idea {i}.", "irr_train": f" Elsewhere {i}."} for i in range(n)]
+    rows[2]["irr_train"] = rows[0]["chosen"]
+    path = tmp_path / "probe_format.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+@pytest.mark.parametrize("rebuild", [False, True])
+def test_carried_irr_train_never_trained_on_is_said_or_rebuilt(rebuild, tmp_path, caplog) -> None:
+    import logging
+
+    from dynlab.data.datamodule import ProbeDataModule
+    from dynlab.models.load import tiny_tokenizer
+
+    dm = ProbeDataModule(source=str(_probe_file(tmp_path)), num_train=8, num_heldout=4, probe_size=4,
+                         rebuild_irr_train=rebuild)
+    with caplog.at_level(logging.WARNING, logger="dynlab.data.datamodule"):
+        sets = dm.build_probe_sets(tiny_tokenizer())
+    said = [r.getMessage() for r in caplog.records if "irr_train" in r.getMessage()]
+    trained = {f" Answer {i}." for i in range(8)}
+    irr_train = [row["irr_train"] for row in sets["train"]]
+    if rebuild:
+        assert said == [] and all(text in trained for text in irr_train)
+        assert all(row["irr_train"] != row["chosen"] for row in sets["train"])  # another row's
+    else:
+        assert len(said) == 1 and said[0].startswith("3 of 4 probe_train rows carry an irr_train response that is "
+                                                     "not the chosen response of any training row"), said
+        assert "data.rebuild_irr_train=true" in said[0]
+        assert irr_train == [" Elsewhere 0.", " Elsewhere 1.", " Answer 0.", " Elsewhere 3."]  # kept as given
+    assert [row["irr_train"] for row in sets["test"]] == [f" Elsewhere {i}." for i in range(8, 12)]  # untouched
+
+
+@pytest.mark.skipif(not REAL_PROBE_FILE.exists(), reason="shared probe file not present")
+def test_the_papers_probe_file_as_training_data_says_its_irr_train_is_not_trained_on(caplog) -> None:
+    import logging
+
+    from dynlab.data.datamodule import ProbeDataModule
+    from dynlab.models.load import tiny_tokenizer
+
+    with caplog.at_level(logging.WARNING, logger="dynlab.data.datamodule"):
+        ProbeDataModule(source=str(REAL_PROBE_FILE), num_train=40, num_heldout=40, probe_size=16).build_probe_sets(
+            tiny_tokenizer(), splits=["train"])
+    said = [r.getMessage() for r in caplog.records if "probe_train rows carry an irr_train" in r.getMessage()]
+    assert len(said) == 1 and said[0].endswith(")") and " of 16 probe_train rows" in said[0], said

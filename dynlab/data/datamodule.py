@@ -112,9 +112,14 @@ class ProbeDataModule(L.LightningDataModule):
         num_train: training pairs (the first rows of ``split``; ``None`` = all).
         num_heldout: held-out rows to read.
         probe_size: prompts per probe split.
+        probe_train_size: prompts of probe_train (``None`` = ``probe_size``).
+        probe_test_size: prompts of probe_test (``None`` = ``probe_size``).
         probe_types: probe response types to score (``None`` = every type the data can give).
         probe_train_file: a probe jsonl in the paper's format used as probe_train instead of building one.
         probe_test_file: the same for probe_test (e.g. ``../shared/data/hh_probe/probe_test.jsonl``).
+        rebuild_irr_train: ignore the ``irr_train`` responses the probe_train rows carry (the paper's probe file
+            has them, often from rows that are not trained on here) and build them from the training rows: the
+            chosen response of another training row.
         sample_chosen_initial: add the ``chosen_initial`` probe type where the data lacks it: a response sampled
             (seeded by ``seed``) from the initial policy; the run's ``probes/probe_{split}.jsonl`` keeps the texts.
         chosen_initial_max_tokens: length limit of those samples.
@@ -140,9 +145,12 @@ class ProbeDataModule(L.LightningDataModule):
         num_train: int | None = 64,
         num_heldout: int = 32,
         probe_size: int = 16,
+        probe_train_size: int | None = None,
+        probe_test_size: int | None = None,
         probe_types: list[str] | None = None,
         probe_train_file: str | None = None,
         probe_test_file: str | None = None,
+        rebuild_irr_train: bool = False,
         sample_chosen_initial: bool = False,
         chosen_initial_max_tokens: int = 48,
         rephraser: str | None = None,
@@ -157,13 +165,15 @@ class ProbeDataModule(L.LightningDataModule):
         super().__init__()
         # refused here, before anything is read or written (jsonargparse builds the data module before the run)
         for name, value, least in (("num_train", num_train, 1), ("num_heldout", num_heldout, 1),
-                                   ("probe_size", probe_size, 1), ("batch_size", batch_size, 1),
+                                   ("probe_size", probe_size, 1), ("probe_train_size", probe_train_size, 1),
+                                   ("probe_test_size", probe_test_size, 1), ("batch_size", batch_size, 1),
                                    ("probe_batch_size", probe_batch_size, 1), ("max_length", max_length, 2),
                                    ("max_prompt_length", max_prompt_length, 1), ("num_workers", num_workers, 0),
                                    ("chosen_initial_max_tokens", chosen_initial_max_tokens, 1)):
             if value is not None and value < least:
-                hint = {"num_train": " (null reads every row)",
-                        "probe_size": " (to turn probe evaluation off, set model.probe_every_n_steps=0)"}.get(name, "")
+                off = " (to turn probe evaluation off, set model.probe_every_n_steps=0)"
+                hint = {"num_train": " (null reads every row)", "probe_size": off, "probe_train_size": off,
+                        "probe_test_size": off}.get(name, "")
                 raise InputError(f"must be at least {least}, got {value}{hint}", field=f"data.{name}")
         if max_prompt_length >= max_length:
             raise InputError(f"must be less than data.max_length ({max_length}), got {max_prompt_length}: a cut prompt "
@@ -189,7 +199,7 @@ class ProbeDataModule(L.LightningDataModule):
         """
         if self._prepared_for == (id(tokenizer), view):
             return
-        train_rows, heldout_rows = self._read_rows(tokenizer)
+        train_rows, heldout_rows = self._read_rows(tokenizer, view)
         pad = tokenizer.pad_token_id
         self._collate = DPOCollator(pad) if view == "dpo" else SFTCollator(pad)
         self.train_examples = self._training_view(tokenizer, train_rows, view)
@@ -206,21 +216,27 @@ class ProbeDataModule(L.LightningDataModule):
                          generate: Callable[..., list[str]] | None = None,
                          splits: Sequence[str] = PROBE_SPLITS) -> dict[str, list[dict]]:
         """The probe texts of ``splits``, ``{split: [{"prompt", type: response, ...}]}``; warns once about the
-        types that could not be built."""
+        types that could not be built, per split about a size larger than the rows at hand, and about probe_train
+        rows whose own ``irr_train`` response is not trained on."""
         hp = self.hp
         if train_rows is None or heldout_rows is None:
             train_rows, heldout_rows = self._read_rows(tokenizer)
         sources = {"train": (hp.probe_train_file, train_rows), "test": (hp.probe_test_file, heldout_rows)}
         backend = backend_from_spec(self._rephraser, seed=hp.seed) if self._rephraser else None
         skipped_all: set[str] = set()
-        short: list[str] = []  # the splits with fewer rows than probe_size
         sets = {}
         for split in splits:
             file, rows = sources[split]
             rows = load_rows(file, format="probe") if file else rows
-            if len(rows) < hp.probe_size:
-                short.append(f"probe_{split} {len(rows)}")
-            rows = rows[: hp.probe_size]
+            size, name = self.probe_size_of(split)
+            if len(rows) < size:
+                log.warning("data.%s is %d, but only %d probe_%s rows are available: probing those", name, size,
+                            len(rows), split)
+            rows = rows[:size]
+            if split == "train" and hp.rebuild_irr_train:
+                rows = [{k: v for k, v in r.items() if k != "irr_train"} for r in rows]  # built from train_rows
+            elif split == "train":
+                _warn_untrained_irr_train(rows, train_rows)
             if hp.sample_chosen_initial and any("chosen_initial" not in r for r in rows):
                 rows = self._with_chosen_initial(tokenizer, rows, generate)
             if backend is not None:
@@ -228,12 +244,15 @@ class ProbeDataModule(L.LightningDataModule):
             sets[split], skipped = build_probe_rows(rows, train_pool=train_rows, test_pool=heldout_rows,
                                                     types=hp.probe_types, seed=hp.seed)
             skipped_all.update(skipped)
-        if short:
-            log.warning("data.probe_size is %d, but only %s rows are available: probing those", hp.probe_size,
-                        " and ".join(short))
         if skipped_all:
             log.warning("probe types skipped (not in the data and not buildable here): %s", sorted(skipped_all))
         return sets
+
+    def probe_size_of(self, split: str) -> tuple[int, str]:
+        """The prompts of probe split ``split`` and the setting that gave them (``probe_train_size`` or
+        ``probe_size``)."""
+        own = self.hp.get(f"probe_{split}_size")
+        return (self.hp.probe_size, "probe_size") if own is None else (own, f"probe_{split}_size")
 
     def _with_chosen_initial(self, tokenizer, rows: list[dict],
                              generate: Callable[..., list[str]] | None) -> list[dict]:
@@ -245,7 +264,8 @@ class ProbeDataModule(L.LightningDataModule):
         samples = generate(prompts, max_new_tokens=self.hp.chosen_initial_max_tokens, seed=self.hp.seed)
         return [{**r, "chosen_initial": r.get("chosen_initial", s)} for r, s in zip(rows, samples)]
 
-    def _read_rows(self, tokenizer) -> tuple[list[dict], list[dict]]:
+    def _read_rows(self, tokenizer, view: TrainingView | None = None) -> tuple[list[dict], list[dict]]:
+        """The training and held-out rows; only DPO needs a rejected response in every row."""
         hp = self.hp
         if hp.source == "synthetic":
             rows = make_synthetic((hp.num_train or 256) + hp.num_heldout, seed=hp.seed)
@@ -255,7 +275,8 @@ class ProbeDataModule(L.LightningDataModule):
         if getattr(tokenizer, "chat_template", None):
             def render(messages):
                 return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-        kwargs = dict(config_name=hp.config_name, data_dir=hp.data_dir, format=hp.format, render_chat=render)
+        kwargs = dict(config_name=hp.config_name, data_dir=hp.data_dir, format=hp.format, render_chat=render,
+                      require_rejected=view == "dpo")
         if hp.heldout_split is None:
             n = None if hp.num_train is None else hp.num_train + hp.num_heldout
             rows = load_rows(hp.source, split=hp.split, limit=n, **kwargs)
@@ -280,13 +301,19 @@ class ProbeDataModule(L.LightningDataModule):
         return {"index": index, "prompt_ids": prompt_ids, "responses": encoded}
 
     def _training_view(self, tokenizer, rows: list[dict], view: TrainingView) -> list[dict]:
-        pairs = [self._encode(tokenizer, {"prompt": r["prompt"], "chosen": r["chosen"], "rejected": r["rejected"]},
-                              i, self.hp.source) for i, r in enumerate(rows)]
+        """The examples ``view`` trains on. SFT needs no rejected response; ExtendSFT trains on the chosen response
+        alone where a row has none (one warning with the count); DPO's rows all have one (``_read_rows``)."""
+        pairs = [self._encode(tokenizer, {k: r[k] for k in ("prompt", "chosen", "rejected") if k in r}, i,
+                              self.hp.source) for i, r in enumerate(rows)]
         if view == "dpo":
             return [{"index": p["index"], "prompt_ids": p["prompt_ids"], "chosen_ids": p["responses"]["chosen"],
                      "rejected_ids": p["responses"]["rejected"]} for p in pairs]
         keys = ("chosen", "rejected") if view == "extend" else ("chosen",)
-        examples = [(p, k) for p in pairs for k in keys]
+        lacking = sum("rejected" not in p["responses"] for p in pairs)
+        if view == "extend" and lacking:
+            log.warning("ExtendSFT: %d of %d training rows have no rejected response: those train on their chosen "
+                        "response alone", lacking, len(pairs))
+        examples = [(p, k) for p in pairs for k in keys if k in p["responses"]]
         return [{"index": i, "prompt_ids": p["prompt_ids"], "response_ids": p["responses"][k]}
                 for i, (p, k) in enumerate(examples)]
 
@@ -332,3 +359,15 @@ class ProbeDataModule(L.LightningDataModule):
 
     def test_dataloader(self) -> list[DataLoader]:
         return [self.probe_dataloader(split) for split in PROBE_SPLITS]
+
+
+def _warn_untrained_irr_train(rows: list[dict], train_rows: list[dict]) -> None:
+    """Warn once when probe_train rows carry their own ``irr_train`` response (the paper's probe file does) that is
+    not the chosen response of any training row: that signal then measures a response never trained on."""
+    trained = {r["chosen"] for r in train_rows}
+    carried = [r["irr_train"] for r in rows if isinstance(r.get("irr_train"), str)]
+    untrained = sum(text not in trained for text in carried)
+    if untrained:
+        log.warning("%d of %d probe_train rows carry an irr_train response that is not the chosen response of any "
+                    "training row: their irr_train measures a response never trained on (data.rebuild_irr_train=true "
+                    "builds irr_train from the training rows instead)", untrained, len(rows))

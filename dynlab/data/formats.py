@@ -55,6 +55,7 @@ def parse_row(
     render_chat: Callable[[list[dict]], str] | None = None,
     format: Format = "auto",
     allow_empty: bool = False,
+    require_rejected: bool = True,
 ) -> dict[str, str]:
     """Turn one raw row into ``{"prompt", "chosen", "rejected", ...probe types}`` text.
 
@@ -65,14 +66,17 @@ def parse_row(
         render_chat: renders the context messages of a chat row into the prompt (the tokenizer's chat template
             with ``add_generation_prompt=True``). ``None`` uses :func:`default_render_chat` and then gives each chat
             response a leading space, as in HH.
-        format: ``"auto"`` detects it per row: message lists are ``chat``, any probe key other than chosen/rejected
-            is ``probe``, no ``prompt`` key is ``hh``, else ``flat``.
+        format: ``"auto"`` detects it per row: message lists are ``chat`` (a ``messages`` list without ``chosen``
+            is the chosen conversation alone), any probe key other than chosen/rejected is ``probe``, no ``prompt``
+            key is ``hh``, else ``flat``.
         allow_empty: keep empty or whitespace-only responses. Probe rows always keep them: the paper's released
             probe file has empty ``chosen_initial`` samples and a blank HH ``rejected`` (scored as EOS only).
+        require_rejected: a row without a rejected response is an error (DPO). When False (SFT data), such a row
+            (no ``rejected`` key, or a null one) parses without it; a rejected response that is there is still checked.
 
     Returns:
         The parsed row; probe rows also keep the :data:`PROBE_FILE_TYPES` they have (``chosen_selfr`` and unknown
-        keys are dropped).
+        keys are dropped). ``rejected`` is absent where the row has none and ``require_rejected`` is False.
 
     Raises:
         InputError: naming file, row and field, for a missing or non-string field, an empty prompt or response, a
@@ -83,22 +87,24 @@ def parse_row(
     if format not in _FORMATS:
         raise InputError(f"unknown format {format!r}; use one of {', '.join(_FORMATS)}", file=file, row=row)
     where = {"file": file, "row": row}
+    if not require_rejected and raw.get("rejected", 0) is None:  # a null in an optional column (parquet, hub)
+        raw = {k: v for k, v in raw.items() if k != "rejected"}
     if format == "auto":
         format = _detect_format(raw, where)
+    # a probe file may leave out rejected (e.g. `dynlab probe build --types chosen irr_hum`), and so may SFT data
+    with_rejected = "rejected" in raw or (require_rejected and format != "probe")
     if format == "hh":
-        out = _parse_hh(raw, where)
+        out = _parse_hh(raw, where, with_rejected)
     elif format == "chat":
-        out = _parse_chat(raw, where, render_chat)
+        out = _parse_chat(raw, where, render_chat, with_rejected)
     else:
-        # a probe file may leave out rejected (e.g. `dynlab probe build --types chosen irr_hum`)
-        required = ("prompt", "chosen") if format == "probe" else ("prompt", "chosen", "rejected")
-        out = {key: _text(raw, key, where) for key in required}
+        out = {key: _text(raw, key, where) for key in ("prompt", "chosen", "rejected")[: 3 if with_rejected else 2]}
         if format == "probe":
-            out.update({key: _text(raw, key, where) for key in ("rejected", *_EXTRA_PROBE_KEYS) if key in raw})
+            out.update({key: _text(raw, key, where) for key in _EXTRA_PROBE_KEYS if key in raw})
     if not out["prompt"].strip():
         raise InputError("the prompt is empty", field="prompt", **where)
     if not (allow_empty or format == "probe"):
-        for key in ("chosen", "rejected"):
+        for key in ("chosen", "rejected")[: 2 if with_rejected else 1]:
             if not out[key].strip():
                 raise InputError("the response is empty or whitespace-only; drop the row or give it text",
                                  field=key, **where)
@@ -115,6 +121,7 @@ def load_rows(
     render_chat: Callable[[list[dict]], str] | None = None,
     limit: int | None = None,
     allow_empty: bool = False,
+    require_rejected: bool = True,
 ) -> list[dict[str, str]]:
     """Load preference rows from a local file or a Hugging Face hub dataset, each parsed by :func:`parse_row`.
 
@@ -139,6 +146,7 @@ def load_rows(
         render_chat: see :func:`parse_row`.
         limit: keep only the first ``limit`` rows.
         allow_empty: see :func:`parse_row`.
+        require_rejected: see :func:`parse_row` (False for SFT data: prompt and chosen alone).
 
     Returns:
         The parsed rows.
@@ -163,7 +171,7 @@ def load_rows(
         if limit is not None and len(rows) >= limit:
             break
         rows.append(parse_row(raw, file=label, row=number, render_chat=render_chat, format=format,
-                              allow_empty=allow_empty))
+                              allow_empty=allow_empty, require_rejected=require_rejected))
     return rows
 
 
@@ -173,7 +181,8 @@ def load_rows(
 def _detect_format(raw: dict, where: dict[str, Any]) -> str:
     """The row's format from its fields, or an error naming the field that contradicts the others."""
     chosen, rejected = raw.get("chosen"), raw.get("rejected")
-    if isinstance(chosen, list) or ("chosen" not in raw and isinstance(rejected, list)):
+    if isinstance(chosen, list) or ("chosen" not in raw and (isinstance(rejected, list)
+                                                             or isinstance(raw.get("messages"), list))):
         return "chat"
     if isinstance(rejected, list):  # the chosen response is not a message list, so this one is the odd field
         raise InputError(f"a list of messages, but 'chosen' is {_kind(chosen)}: give both responses as message "
@@ -182,36 +191,40 @@ def _detect_format(raw: dict, where: dict[str, Any]) -> str:
     if "prompt" not in raw and not probe:
         texts = [raw[key] for key in ("chosen", "rejected") if key in raw]
         if texts and all(isinstance(t, str) and HH_ASSISTANT not in t for t in texts):  # no HH transcript either
-            raise InputError(f"missing field: a flat row needs prompt, chosen and rejected (an HH row instead has "
+            raise InputError(f"missing field: a flat row needs prompt, chosen and (for DPO) rejected (an HH row has "
                              f"the whole transcript, through its last {HH_ASSISTANT!r}, in chosen and rejected)",
                              field="prompt", **where)
         return "hh"
     return "probe" if probe else "flat"
 
 
-def _parse_hh(raw: dict, where: dict[str, Any]) -> dict[str, str]:
+def _parse_hh(raw: dict, where: dict[str, Any], with_rejected: bool = True) -> dict[str, str]:
     split = {}
-    for key in ("chosen", "rejected"):
+    for key in ("chosen", "rejected")[: 2 if with_rejected else 1]:
         text = _text(raw, key, where)
         if HH_ASSISTANT not in text:
             raise InputError(f"HH text has no {HH_ASSISTANT!r} marker; give a 'prompt' field for flat rows",
                              field=key, **where)
         split[key] = split_hh(text)
-    if split["chosen"][0] != split["rejected"][0]:
+    if with_rejected and split["chosen"][0] != split["rejected"][0]:
         raise InputError(f"its prompt (text through the last {HH_ASSISTANT!r}) differs from the chosen one's",
                          field="rejected", **where)
-    return {"prompt": split["chosen"][0], "chosen": split["chosen"][1], "rejected": split["rejected"][1]}
+    return {"prompt": split["chosen"][0], **{key: response for key, (_, response) in split.items()}}
 
 
-def _parse_chat(raw: dict, where: dict[str, Any], render_chat: Callable[[list[dict]], str] | None) -> dict[str, str]:
+def _parse_chat(raw: dict, where: dict[str, Any], render_chat: Callable[[list[dict]], str] | None,
+                with_rejected: bool = True) -> dict[str, str]:
+    """A chat row: ``chosen`` (and ``rejected``) message lists, or one ``messages`` conversation (SFT data) whose
+    last, assistant message is the chosen response."""
     contexts, responses = {}, {}
-    for key in ("chosen", "rejected"):
+    chosen_key = "messages" if "chosen" not in raw and "messages" in raw else "chosen"
+    for name, key in (("chosen", chosen_key), ("rejected", "rejected"))[: 2 if with_rejected else 1]:
         messages = _messages(raw, key, where)
         if messages[-1]["role"] != "assistant":
             raise InputError(f"the last message is from {messages[-1]['role']!r}, not the assistant",
                              field=key, **where)
-        contexts[key], responses[key] = messages[:-1], messages[-1]["content"]
-    if contexts["chosen"] != contexts["rejected"]:
+        contexts[name], responses[name] = messages[:-1], messages[-1]["content"]
+    if with_rejected and contexts["chosen"] != contexts["rejected"]:
         raise InputError("the messages before the final assistant reply differ from the chosen ones",
                          field="rejected", **where)
     context = contexts["chosen"]

@@ -13,12 +13,13 @@ PROBE_TYPES: tuple[str, ...] = (
     "chosen", "rejected", "chosen_gptsemantic", "chosen_gptformat", "reject_gptsemantic", "reject_gptformat",
     "chosen_initial", "irr_train", "irr_test", "irr_hum", "random_permute", "random_nonhum",
 )
+# the types preference rows give without a model (rejected only where the rows have one: SFT data may not)
 DETERMINISTIC_TYPES = ("chosen", "rejected", "irr_train", "irr_test", "irr_hum", "random_permute", "random_nonhum")
 
 # Why a type that no row carries cannot be built here.
 _NEEDS = {
     "chosen": "every preference row needs it",
-    "rejected": "every preference row needs it",
+    "rejected": "cannot be built (SFT data without rejected responses: leave it out of data.probe_types)",
     "chosen_gptsemantic": "cannot be built without a rephraser",
     "chosen_gptformat": "cannot be built without a rephraser",
     "reject_gptsemantic": "cannot be built without a rephraser",
@@ -50,7 +51,8 @@ def build_probe_rows(
     row to have them. Each row and type has its own seeded RNG, so results do not depend on which types are asked.
 
     Args:
-        rows: preference rows with ``prompt``, ``chosen`` and ``rejected`` (and maybe probe types).
+        rows: preference rows with ``prompt`` and ``chosen``, maybe ``rejected`` and other probe types (a type
+            some row lacks and that cannot be built, ``rejected`` of SFT data say, is skipped).
         train_pool: rows of the training data, for ``irr_train``.
         test_pool: held-out rows, for ``irr_test``.
         types: the probe types to build; ``None`` builds every buildable type of :data:`PROBE_TYPES`.

@@ -3,8 +3,11 @@ injection, probe evaluation (at step 0 and every N steps), logging and the final
 
 from __future__ import annotations
 
+import json
 import shutil
+import sys
 import tempfile
+import time
 import warnings
 from collections import defaultdict
 from pathlib import Path
@@ -36,6 +39,33 @@ def gather_objects(items: list) -> list:
     gathered: list = [None] * torch.distributed.get_world_size()
     torch.distributed.all_gather_object(gathered, items)
     return [x for part in gathered for x in part]
+
+
+PROBE_PROGRESS_AFTER_S = 10.0  # a probe evaluation that ends sooner prints no progress
+
+
+class ProbeProgress:
+    """Progress of one probe evaluation as whole lines on stderr, readable on a terminal and in a Slurm log alike (no
+    carriage returns): nothing while the evaluation is younger than ``after_s`` seconds, then one line each time a
+    split passes another tenth of its batches, and at its last batch. Silent where ``enabled`` is False (rank > 0)."""
+
+    def __init__(self, step: int, enabled: bool, after_s: float | None = None):
+        self.step, self.enabled = step, enabled
+        self.after_s = PROBE_PROGRESS_AFTER_S if after_s is None else after_s
+        self.start = time.monotonic()
+        self.split, self.total, self._shown = "", 0, -1
+
+    def begin(self, split: str, total: int) -> None:
+        self.split, self.total, self._shown = split, total, -1
+
+    def update(self, done: int) -> None:
+        elapsed = time.monotonic() - self.start
+        tenth = done * 10 // max(self.total, 1)
+        if not self.enabled or elapsed < self.after_s or tenth <= self._shown:
+            return
+        self._shown = tenth
+        print(f"dynlab: probe evaluation at step {self.step}: probe_{self.split} {done}/{self.total} batches, "
+              f"{elapsed:.0f} s elapsed", file=sys.stderr, flush=True)
 
 
 def uses_fsdp(trainer: L.Trainer | None) -> bool:
@@ -121,6 +151,8 @@ class CausalLMModule(L.LightningModule):
                              field="trainer.strategy")
 
     def setup(self, stage: str) -> None:
+        if stage == "fit":  # the clock of RUN_DIR/timing.json
+            self._fit_start, self.probe_eval_seconds, self._export_seconds = time.monotonic(), 0.0, 0.0
         self.check_strategy(self.trainer)
         self._run_dir = Path(self.trainer.log_dir or self.trainer.default_root_dir)
         self.init_probe_state(self.trainer.datamodule)
@@ -254,10 +286,20 @@ class CausalLMModule(L.LightningModule):
         return out
 
     _recording_baseline = False
+    probe_eval_seconds = 0.0  # wall time spent in run_probe_evaluation during this fit
 
     def run_probe_evaluation(self) -> None:
         """Evaluate every probe split now (all ranks take part), log the means at the current step and write the
-        per-example values to the run's trajectory (rank 0, all ranks' rows gathered)."""
+        per-example values to the run's trajectory (rank 0, all ranks' rows gathered). Rank 0 prints its progress
+        once the evaluation runs longer than ``PROBE_PROGRESS_AFTER_S``; the time it takes adds to
+        ``probe_eval_seconds``."""
+        start = time.monotonic()
+        try:
+            self._run_probe_evaluation(ProbeProgress(self.global_step, self.trainer.is_global_zero))
+        finally:
+            self.probe_eval_seconds += time.monotonic() - start
+
+    def _run_probe_evaluation(self, progress: ProbeProgress) -> None:
         datamodule = self.trainer.datamodule
         was_training = self.policy.training
         self.policy.eval()
@@ -265,11 +307,14 @@ class CausalLMModule(L.LightningModule):
         records: list[dict] = []
         try:
             for split in self.probe_types:
-                for batch in datamodule.probe_dataloader(split):
+                loader = datamodule.probe_dataloader(split)
+                progress.begin(split, len(loader))
+                for done, batch in enumerate(loader, 1):
                     self.stop_if_asked()  # stopped here, the evaluation leaves nothing behind: it is redone on resume
                     results = self.probe_step(split, move_data_to_device(batch, self.device))
                     records += records_from_results(split, {t: {m: v.tolist() for m, v in values.items()}
                                                             for t, values in results.items()})
+                    progress.update(done)
         except BaseException:
             if self._recording_baseline:  # a half-recorded baseline is no baseline
                 for b in self._baseline.values():
@@ -379,6 +424,8 @@ class CausalLMModule(L.LightningModule):
         return self._run_dir
 
     _train_started = False
+    _fit_start: float | None = None  # set in setup("fit"): the clock of RUN_DIR/timing.json
+    _export_seconds = 0.0
 
     def on_fit_end(self) -> None:
         # a run resumed from a checkpoint of its last step has nothing left to train, and Lightning then skips
@@ -390,9 +437,23 @@ class CausalLMModule(L.LightningModule):
                 self.run_probe_evaluation()
             self.on_train_end()
         self._train_started = False
+        if self.trainer.is_global_zero and self._fit_start is not None:
+            self._write_timing()
+
+    def _write_timing(self) -> None:
+        """``RUN_DIR/timing.json``: this process's fit in wall seconds, ``total_s`` split into ``probe_eval_s`` (every
+        probe evaluation), ``export_s`` (the HF export and the figures) and ``train_s`` (the rest: the steps, data,
+        callbacks)."""
+        total, probe, export = time.monotonic() - self._fit_start, self.probe_eval_seconds, self._export_seconds
+        timing = {"train_s": total - probe - export, "probe_eval_s": probe, "export_s": export, "total_s": total}
+        path = self.run_dir / "timing.json"
+        tmp = path.with_name(f".{path.name}.tmp")
+        tmp.write_text(json.dumps({k: round(v, 3) for k, v in timing.items()}, indent=1) + "\n")
+        tmp.replace(path)
 
     def on_train_end(self) -> None:
         self.stop_if_asked()  # a SIGTERM during the last step: no export (a resumed run finishes it)
+        start = time.monotonic()
         # every rank takes part in gathering the weights (sharded under FSDP); rank 0 writes
         state = self.trainer.strategy.lightning_module_state_dict()
         if not self.trainer.is_global_zero:
@@ -407,6 +468,7 @@ class CausalLMModule(L.LightningModule):
                 if hasattr(logger, "log_image"):  # W&B: the same figures as images on the run
                     for figure in figures:
                         logger.log_image(key=f"figures/{figure.stem}", images=[str(figure)])
+        self._export_seconds += time.monotonic() - start
 
 
 def export_pretrained(model: nn.Module, tokenizer: Any, out: Path, state_dict: dict | None = None) -> Path:
