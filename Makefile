@@ -25,9 +25,11 @@ install: $(STAMP)
 demo: install
 	$(BIN)/dynlab fit --config configs/dpo.yaml
 
+# One pytest worker per CPU (pytest-xdist; --dist loadfile keeps a file on one worker, so its module fixtures run
+# once) and one torch thread per worker: two busy threads per core are several times slower than one.
 test: install
 	$(BIN)/ruff check dynlab tests benchmarks
-	$(BIN)/pytest tests
+	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-1} $(BIN)/pytest -n auto --dist loadfile tests
 
 test-fast: install
 	$(BIN)/pytest -m "not slow" tests

@@ -19,6 +19,16 @@ CONFIGS = REPO / "configs"
 SHARED_PROBE_FILE = REPO.parent / "shared" / "data" / "hh_probe" / "probe_test.jsonl"
 
 
+# The longest files first: under `make test` (pytest -n auto --dist loadfile) a file that started last would run alone
+# at the end while the other workers idle.
+LONGEST_FIRST = ("test_signatures.py", "test_slow_smollm2.py", "test_slurm.py", "test_ddp.py", "test_compare_extend.py")
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: a file's tests stay together, in order
+
+
 @pytest.fixture
 def tiny_spec() -> ModelSpec:
     return ModelSpec(name_or_path="tiny")

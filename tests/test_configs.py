@@ -53,7 +53,7 @@ def test_every_reproduce_stage_parses_as_dynlab_reproduce_stacks_it(stage, scale
         assert data["source"] == "rows.jsonl" and data["num_train"] == 40 and data["rebuild_irr_train"] is True
         assert init["policy"]["name_or_path"] == "embedded:smollm2-135m-instruct"
         quick = sizes is not None
-        assert data["probe_train_size"] == (6 if quick else 12)
+        assert data["probe_train_size"] == (4 if quick else 8)
         if stage.base == "dpo":
             assert cfg["trainer"]["max_steps"] == (20 if quick else 40) and init["precompute_ref_logps"] is True
         else:
