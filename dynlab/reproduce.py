@@ -5,20 +5,24 @@ chosen and rejected) from the same start, each for several passes over a small t
 off-policy DPO from each stage-1 export. Then the §9 signatures of the four runs (``dynlab.evaluation.signatures``),
 one HTML report (``dynlab report``) and the wall time split into training, probe evaluation, export and report.
 
-    dynlab reproduce [--data FILE] [--out runs/reproduce] [--config OVERLAY ...] [-- EXTRA FIT ARGS]
-    dynlab reproduce --scale paper      (configs/paper/: Pythia-410M on 5,000 HH pairs, on a GPU)
+    dynlab reproduce [--data FILE] [--out runs/reproduce] [--sizes DIR] [--config OVERLAY ...] [-- EXTRA FIT ARGS]
+    dynlab reproduce --scale paper      (configs/paper/: Pythia-410M on 5,000 HH pairs, on a GPU with the hub)
 
 Each stage runs in a fixed run directory under ``--out``: rerunning the same command reuses finished stages and
-resumes an interrupted one from its ``last.ckpt``. A stage whose arguments changed since it ran is refused (rerun with
-``--fresh``), so one report never mixes runs of two recipes.
+resumes an interrupted one from its newest checkpoint. ``OUT/recipe.json`` keeps each stage's arguments and a
+fingerprint of its config files and data: a stage whose recipe changed since it ran is refused (rerun with
+``--fresh``), and a stage that is run again makes the DPO stage started from it run again too, so one report never
+mixes runs of two recipes.
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -26,10 +30,12 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+import yaml
+
 from dynlab.errors import InputError
 
 REPO = Path(__file__).resolve().parents[1]
-DEFAULT_DATA = "../shared/data/hh_probe/probe_test.jsonl"
+DEFAULT_DATA = REPO.parent / "shared" / "data" / "hh_probe" / "probe_test.jsonl"
 RECIPE_FILE = "recipe.json"
 
 
@@ -37,15 +43,15 @@ RECIPE_FILE = "recipe.json"
 class Stage:
     name: str  # the role the signatures know it by
     base: str  # the shipped config it stacks on (configs/<base>.yaml)
-    run: str  # its run directory under --out: <logger name>/<fixed version>
+    version: str  # its fixed run directory name, inside <out>/<the config's CSVLogger name>/
     parent: str | None = None  # the stage whose export it starts from
 
 
 STAGES = (
-    Stage("sft", "sft", "sft/reproduce"),
-    Stage("extend", "extend_sft", "extend_sft/reproduce"),
-    Stage("dpo", "dpo", "dpo/from-sft", parent="sft"),
-    Stage("dpo_extend", "dpo", "dpo/from-extend", parent="extend"),
+    Stage("sft", "sft", "reproduce"),
+    Stage("extend", "extend_sft", "reproduce"),
+    Stage("dpo", "dpo", "from-sft", parent="sft"),
+    Stage("dpo_extend", "dpo", "from-extend", parent="extend"),
 )
 
 
@@ -63,19 +69,70 @@ def stage_configs(stage: Stage, configs: Path, scale: str, sizes: Path | None = 
     return stacked
 
 
+def logger_name(configs: Sequence[str | os.PathLike]) -> str:
+    """The CSVLogger ``name`` the stacked configs end with (the run lands in ``<root>/<name>/<version>``)."""
+    name = ""
+    for config in configs:
+        loggers = ((_read_yaml(Path(config)) or {}).get("trainer") or {}).get("logger")
+        for logger in loggers if isinstance(loggers, list) else [loggers] if loggers else []:
+            if isinstance(logger, dict) and str(logger.get("class_path", "")).endswith("CSVLogger"):
+                name = (logger.get("init_args") or {}).get("name") or ""
+    return name
+
+
+def _read_yaml(path: Path) -> dict | None:
+    try:
+        return yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as err:
+        raise InputError(f"cannot read this config: {str(err).splitlines()[0]}", file=str(path)) from None
+
+
 def stage_command(stage: Stage, configs: Path, scale: str, data: str | None, out: Path, overlays: Sequence[str],
                   extra: Sequence[str], sizes: Path | None = None) -> list[str]:
     """The ``dynlab fit`` arguments of one stage (without the interpreter and without ``--ckpt_path``)."""
+    stacked = [*map(str, stage_configs(stage, configs, scale, sizes)), *overlays]
     args = ["fit"]
-    for config in [*map(str, stage_configs(stage, configs, scale, sizes)), *overlays]:
+    for config in stacked:
         args += ["--config", config]
     if data is not None:
         args.append(f"--data.init_args.source={data}")
     args.append(f"--trainer.default_root_dir={out}")
     if stage.parent is not None:
         parent = next(s for s in STAGES if s.name == stage.parent)
-        args.append(f"--model.init_args.init_from={out / parent.run / 'export'}")
+        parent_stacked = [*map(str, stage_configs(parent, configs, scale, sizes)), *overlays]
+        args.append(f"--model.init_args.init_from={out / run_of(parent, parent_stacked) / 'export'}")
     return [*args, *extra]
+
+
+def run_of(stage: Stage, stacked: Sequence[str | os.PathLike]) -> Path:
+    """A stage's run directory relative to ``--out``."""
+    return Path(logger_name(stacked) or stage.base, stage.version)
+
+
+def stage_runs(out: str | os.PathLike) -> dict[str, Path]:
+    """The run directory of every stage of the recipe in ``out`` (from its ``recipe.json``), in stage order."""
+    path = Path(out) / RECIPE_FILE
+    try:
+        recipe = json.loads(path.read_text(encoding="utf-8"))
+        return {s.name: Path(out) / recipe[s.name]["run"] for s in STAGES}
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        raise InputError(f"not a dynlab reproduce directory ({type(err).__name__})", file=str(path)) from None
+
+
+def fingerprint(files: Sequence[str | os.PathLike]) -> str:
+    """What a stage's results depend on besides its arguments: the contents of its config files and, for a data
+    file, its size and modification time (hashing a large file on every rerun would cost more than it saves)."""
+    digest = hashlib.sha1()
+    for file in files:
+        path = Path(file)
+        if path.suffix in (".yaml", ".yml"):
+            digest.update(path.read_bytes())
+        elif path.is_file():
+            stat = path.stat()
+            digest.update(f"{path}:{stat.st_size}:{stat.st_mtime_ns}".encode())
+        else:
+            digest.update(str(file).encode())
+    return digest.hexdigest()[:16]
 
 
 def finished(run_dir: Path) -> bool:
@@ -83,57 +140,107 @@ def finished(run_dir: Path) -> bool:
     return (run_dir / "export" / "config.json").is_file()
 
 
-def run_stage(stage: Stage, args: list[str], out: Path, env: dict[str, str]) -> tuple[str, float]:
+def has_checkpoint(run_dir: Path) -> bool:
+    """What ``--ckpt_path=last`` resumes from: a step checkpoint, or a Slurm pre-emption checkpoint."""
+    return any((run_dir / "checkpoints").glob("*.ckpt")) or any(run_dir.glob("hpc_ckpt_*.ckpt"))
+
+
+def refuse_if_live(run_dir: Path) -> None:
+    from dynlab.tracking.loggers import live_holder
+
+    if run_dir.exists() and (holder := live_holder(run_dir)) is not None:
+        raise InputError(f"run directory {run_dir} is in use by a live run (pid {holder.get('pid')} on "
+                         f"{holder.get('host')}): wait for it, or stop it first", field="--out")
+
+
+def run_child(command: list[str], env: dict[str, str]) -> int:
+    """Run one stage and wait for it. SIGINT and SIGTERM are passed on to the stage, which stops within seconds
+    with every file whole; its exit code is returned (negative: killed by that signal)."""
+    proc = subprocess.Popen(command, env=env)
+    forwarded: list[int] = []
+
+    def forward(signum, frame):
+        forwarded.append(signum)
+        proc.send_signal(signum)
+
+    previous = {s: signal.signal(s, forward) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        code = proc.wait()
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+    if forwarded:  # stopped by the user: the stage can be resumed from what it checkpointed
+        return 128 + forwarded[0]
+    return code
+
+
+def run_stage(stage: Stage, args: list[str], run_dir: Path, env: dict[str, str]) -> tuple[str, float]:
     """Run (or resume, or reuse) one stage; returns what was done and its wall time in seconds."""
-    run_dir = out / stage.run
     if finished(run_dir):
         return "reused", 0.0
-    resume = (run_dir / "checkpoints" / "last.ckpt").is_file()
+    refuse_if_live(run_dir)
+    resume = has_checkpoint(run_dir)
     if not resume and run_dir.exists():
         shutil.rmtree(run_dir)  # started but never checkpointed: its rows would be mixed with the new run's
     command = [sys.executable, "-m", "dynlab.cli", *args, *(["--ckpt_path=last"] if resume else [])]
     print(f"dynlab reproduce: {'resuming' if resume else 'running'} {stage.name} in {run_dir}", file=sys.stderr,
           flush=True)
     start = time.perf_counter()
-    proc = subprocess.run(command, env={**env, "DYNLAB_RUN_VERSION": run_dir.name})
+    code = run_child(command, {**env, "DYNLAB_RUN_VERSION": run_dir.name})
     wall = time.perf_counter() - start
-    if proc.returncode != 0:
-        # 143/130: stopped by a signal; rerunning the same command resumes from the last checkpoint
-        raise SystemExit(f"dynlab reproduce: stage {stage.name} exited {proc.returncode}; rerun the same command to "
-                         "resume it" if proc.returncode in (130, 143) else
-                         f"dynlab reproduce: stage {stage.name} failed (exit {proc.returncode}): {' '.join(command)}")
+    if code in (128 + signal.SIGINT, 128 + signal.SIGTERM, -signal.SIGINT, -signal.SIGTERM):
+        print(f"dynlab reproduce: stage {stage.name} stopped; rerun the same command to resume it", file=sys.stderr)
+        sys.exit(code if code > 0 else 128 - code)
+    if code != 0 or not finished(run_dir):
+        raise SystemExit(f"dynlab reproduce: stage {stage.name} failed (exit {code}; rerun the same command to "
+                         f"resume it): {' '.join(command)}")
     return ("resumed" if resume else "ran"), wall
 
 
-def check_recipe(out: Path, commands: dict[str, list[str]], fresh: bool) -> None:
-    """Refuse to mix runs of two recipes: the arguments of every stage are kept in ``OUT/recipe.json``."""
+def check_recipe(out: Path, recipe: dict[str, dict], fresh: bool) -> None:
+    """Refuse to mix runs of two recipes: each stage's arguments and fingerprint are kept in ``OUT/recipe.json``; a
+    stage whose recipe changed is refused while its run exists. Runs with no ``recipe.json`` beside them are refused
+    too (nothing says which recipe made them)."""
     path = out / RECIPE_FILE
+    runs = [out / r["run"] for r in recipe.values()]
     if fresh:
-        for stage in STAGES:
-            shutil.rmtree(out / stage.run, ignore_errors=True)
+        for run in runs:
+            refuse_if_live(run)
+        for run in runs:
+            shutil.rmtree(run, ignore_errors=True)
         for name in (RECIPE_FILE, "timing.json", "report.html"):
             (out / name).unlink(missing_ok=True)
     elif path.is_file():
-        before = json.loads(path.read_text(encoding="utf-8"))
-        changed = [name for name, args in commands.items() if name in before and before[name] != args]
-        started = [s.name for s in STAGES if s.name in changed and (out / s.run).exists()]
-        if started:
-            raise InputError(f"the arguments of stage(s) {', '.join(started)} differ from the runs already in {out}: "
-                             "rerun with --fresh, or choose another --out", file=path)
+        try:
+            before = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            raise InputError("unreadable: rerun with --fresh, or choose another --out", file=str(path)) from None
+        changed = [name for name, r in recipe.items() if (out / r["run"]).exists() and before.get(name) != r]
+        if changed:
+            raise InputError(f"the recipe of stage(s) {', '.join(changed)} (arguments, config files or data) differs "
+                             f"from the runs already in {out}: rerun with --fresh, or choose another --out",
+                             file=str(path))
+    elif existing := [str(run) for run in runs if run.exists()]:
+        raise InputError(f"{existing[0]} exists but {out} has no {RECIPE_FILE} saying which recipe made it: rerun "
+                         "with --fresh, or choose another --out", file=str(path))
     out.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(commands, indent=1) + "\n", encoding="utf-8")
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(recipe, indent=1) + "\n", encoding="utf-8")
+    tmp.replace(path)
 
 
-def timing_split(out: Path, walls: dict[str, float], report_s: float) -> dict:
+def timing_split(runs: dict[str, Path], walls: dict[str, float], report_s: float) -> dict:
     """Wall time per stage and summed over stages, split into training, probe evaluation and export (each run's
-    ``timing.json``), plus the report. A reused stage counts the time it took when it ran."""
+    ``timing.json``: the last process of a resumed stage), plus the report. A reused stage counts the time it took
+    when it ran; ``setup_s`` is the rest of a stage's wall time (start-up, model load, tokenization)."""
     stages = {}
-    for stage in STAGES:
-        path = out / stage.run / "timing.json"
+    for name, run in runs.items():
+        path = run / "timing.json"
         timing = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
-        stages[stage.name] = {**timing, "wall_s": walls.get(stage.name) or timing.get("total_s", 0.0)}
+        wall = walls.get(name) or timing.get("total_s", 0.0)
+        stages[name] = {**timing, "setup_s": round(max(wall - timing.get("total_s", wall), 0.0), 3), "wall_s": wall}
     total = {key: round(sum(s.get(key, 0.0) for s in stages.values()), 1)
-             for key in ("train_s", "probe_eval_s", "export_s", "wall_s")}
+             for key in ("train_s", "probe_eval_s", "export_s", "setup_s", "wall_s")}
     total["report_s"] = round(report_s, 1)
     total["wall_s"] = round(total["wall_s"] + report_s, 1)
     # what the figures depend on: the CPUs, the threads each stage used (1 is faster on a busy machine) and the load
@@ -141,6 +248,13 @@ def timing_split(out: Path, walls: dict[str, float], report_s: float) -> dict:
                "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS"), "DYNLAB_THREADS": os.environ.get("DYNLAB_THREADS"),
                "load_average_at_end": [round(x, 2) for x in os.getloadavg()]}
     return {"stages": stages, "total": total, "machine": machine}
+
+
+def write_json(path: Path, value: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(value, indent=1) + "\n", encoding="utf-8")
+    tmp.replace(path)
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -156,57 +270,80 @@ def main(argv: Sequence[str] | None = None) -> None:
                         "data and budgets (configs/paper/, a GPU and the hub)")
     parser.add_argument("--out", default="runs/reproduce", help="where the runs, report.html and timing.json go")
     parser.add_argument("--sizes", help="a directory of per-stage overlays stacked on the recipe: data.yaml and "
-                        "<stage>.yaml (sft, extend_sft, dpo) where present; configs/reproduce/quick is a 15-minute one")
+                        "<stage>.yaml (sft, extend_sft, dpo) where present; configs/reproduce/quick is the test tier's")
     parser.add_argument("--config", action="append", default=[], dest="overlays",
-                        help="a config stacked on every stage (repeatable), e.g. a reduced size")
+                        help="a config stacked on every stage (repeatable)")
     parser.add_argument("--configs", default=str(REPO / "configs"), help="the directory of the shipped configs")
+    parser.add_argument("--record", help="also write the timing split and the signature results to this JSON file "
+                        "(make reproduce: benchmarks/results/reproduce.json)")
     parser.add_argument("--fresh", action="store_true", help="delete this recipe's runs in --out and start over")
     args = parser.parse_args(argv)
 
-    out, configs = Path(args.out).resolve(), Path(args.configs)
-    data = args.data if args.data is not None or args.scale == "paper" else DEFAULT_DATA
-    if data is not None and Path(data).exists():
-        data = str(Path(data).resolve())
-    elif data is not None and not (len(data.split("/")) == 2 and not data.startswith((".", "/"))):  # a hub id
-        raise InputError("no such file (pass --data FILE, or DATA=FILE to make reproduce)", file=data)
-    sizes = None if args.sizes is None else Path(args.sizes).resolve()
+    from dynlab.data.formats import _looks_local
+
+    out, configs = Path(args.out).expanduser().resolve(), Path(args.configs).expanduser()
+    data = args.data if args.data is not None or args.scale == "paper" else str(DEFAULT_DATA)
+    if data is not None and (Path(data).expanduser().exists() or _looks_local(data)):
+        if not Path(data).expanduser().exists():
+            raise InputError("no such file (pass --data FILE, or DATA=FILE to make reproduce)", file=data)
+        data = str(Path(data).expanduser().resolve())  # else a hub dataset id, for the stages to load
+    sizes = None if args.sizes is None else Path(args.sizes).expanduser().resolve()
     if sizes is not None and not sizes.is_dir():
         raise InputError("no such directory", file=args.sizes, field="--sizes")
     for stage in STAGES:
         for config in stage_configs(stage, configs, args.scale, sizes):
             if not config.is_file():
-                raise InputError("missing config (pass --configs DIR, the repository's configs/)", file=config)
-    overlays = [str(Path(o).resolve()) for o in args.overlays]
+                raise InputError("missing config (pass --configs DIR, the repository's configs/)", file=str(config))
+    overlays = [str(Path(o).expanduser().resolve()) for o in args.overlays]
     for overlay in overlays:
         if not Path(overlay).is_file():
             raise InputError("no such config", file=overlay)
-    commands = {s.name: stage_command(s, configs, args.scale, data, out, overlays, extra, sizes) for s in STAGES}
-    check_recipe(out, commands, args.fresh)
+
+    recipe = {}
+    for stage in STAGES:
+        stacked = [*map(str, stage_configs(stage, configs, args.scale, sizes)), *overlays]
+        command = stage_command(stage, configs, args.scale, data, out, overlays, extra, sizes)
+        recipe[stage.name] = {"run": str(run_of(stage, stacked)), "args": command,
+                              "fingerprint": fingerprint([*stacked, *([data] if data else [])])}
+    check_recipe(out, recipe, args.fresh)
+    runs = {name: out / r["run"] for name, r in recipe.items()}
 
     env = dict(os.environ)
     env.setdefault("WANDB_MODE", "disabled")  # four runs in one recipe: W&B only when asked for
-    walls = {}
+    walls, ran = {}, set()
     for stage in STAGES:
-        what, walls[stage.name] = run_stage(stage, commands[stage.name], out, env)
+        if stage.parent in ran and runs[stage.name].exists():  # trained from an earlier export of its parent
+            refuse_if_live(runs[stage.name])
+            shutil.rmtree(runs[stage.name])
+        what, walls[stage.name] = run_stage(stage, recipe[stage.name]["args"], runs[stage.name], env)
         if what == "reused":
-            print(f"dynlab reproduce: {stage.name} already finished in {out / stage.run}", file=sys.stderr)
+            print(f"dynlab reproduce: {stage.name} already finished in {runs[stage.name]}", file=sys.stderr)
+        else:
+            ran.add(stage.name)
 
     from dynlab.evaluation.html_report import main as report_main
     from dynlab.evaluation.signatures import check_signatures, signature_table
 
-    run_dirs = [out / s.run for s in STAGES]
+    run_dirs = list(runs.values())
+    signatures = {split: check_signatures(run_dirs, split) for split in ("train", "test")}
+    timing = timing_split(runs, walls, 0.0)
+    write_json(out / "timing.json", timing)  # before the report, so that a failing report loses no timing
     start = time.perf_counter()
     report_main([*map(str, run_dirs), "--out", str(out / "report.html")])
-    report_s = time.perf_counter() - start
-    timing = timing_split(out, walls, report_s)
-    (out / "timing.json").write_text(json.dumps(timing, indent=1) + "\n", encoding="utf-8")
+    timing = timing_split(runs, walls, time.perf_counter() - start)
+    write_json(out / "timing.json", timing)
+    if args.record:
+        results = {split: [{"id": s.id, "runs": list(s.runs), "passed": s.passed, "numbers": s.numbers}
+                           for s in sigs] for split, sigs in signatures.items()}
+        write_json(Path(args.record), {"recipe": {k: r["args"] for k, r in recipe.items()}, **timing,
+                                       "signatures": results})
 
-    for split in ("train", "test"):
-        print(f"\nsignatures (PAPER_NOTES §9) on probe_{split}:\n{signature_table(check_signatures(run_dirs, split))}")
+    for split, sigs in signatures.items():
+        print(f"\nsignatures (PAPER_NOTES §9) on probe_{split}:\n{signature_table(sigs)}")
     t = timing["total"]
     print(f"\nwall time {t['wall_s']:.0f} s: training {t['train_s']:.0f} s, "
-          f"probe evaluation {t['probe_eval_s']:.0f} s, export {t['export_s']:.0f} s, report {t['report_s']:.0f} s "
-          f"(per stage: {out / 'timing.json'})")
+          f"probe evaluation {t['probe_eval_s']:.0f} s, export {t['export_s']:.0f} s, start-up {t['setup_s']:.0f} s, "
+          f"report {t['report_s']:.0f} s (per stage: {out / 'timing.json'})")
     print(f"report: {out / 'report.html'}")
 
 

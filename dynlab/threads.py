@@ -6,10 +6,11 @@ Slurm allocation, a container's CPU set, a taskset). ``dynlab`` sets the count o
 - ``DYNLAB_THREADS=N`` is used as is (and exported as ``OMP_NUM_THREADS``, so Lightning's DDP launcher keeps it);
 - ``OMP_NUM_THREADS`` or ``MKL_NUM_THREADS`` set, or torch's count already changed in this process
   (``torch.set_num_threads`` before ``dynlab.cli.main``): left alone, the user chose;
-- otherwise the CPUs this process may use (``SLURM_CPUS_PER_TASK`` when set, else ``os.sched_getaffinity``) divided
-  by the local ranks of a DDP job started by torchrun (``LOCAL_WORLD_SIZE``), at least 1. A CPU DDP job that
-  Lightning launches itself is divided by Lightning (the same CPUs over its processes), since the count is not
-  exported in that case.
+- otherwise the CPUs this process may use (``SLURM_CPUS_PER_TASK`` when set, else ``os.sched_getaffinity``), but no
+  more than torch's own default (its count before dynlab changes it: the physical cores, where those CPUs count
+  SMT siblings too), divided by the local ranks of a DDP job started by torchrun (``LOCAL_WORLD_SIZE``), at
+  least 1. A CPU DDP job that Lightning launches itself is divided by Lightning (the same CPUs over its processes),
+  since the count is not exported in that case.
 
 On a busy machine fewer threads can be much faster (1 thread ran 5x faster than 2 on a loaded 2-core machine):
 set ``DYNLAB_THREADS=1`` there.
@@ -47,8 +48,11 @@ def _positive(env: Mapping[str, str], name: str) -> int | None:
     return number
 
 
-def decide_threads(env: Mapping[str, str], affinity: int, torch_threads_set: bool = False) -> ThreadChoice:
-    """The thread count for a process with environment ``env`` that may run on ``affinity`` CPUs (pure).
+def decide_threads(env: Mapping[str, str], affinity: int, torch_threads_set: bool = False,
+                   torch_default: int | None = None) -> ThreadChoice:
+    """The thread count for a process with environment ``env`` that may run on ``affinity`` CPUs (pure);
+    ``torch_default`` is torch's own count before dynlab sets one (physical cores: fewer than the logical CPUs of an
+    SMT machine), a cap on the CPUs counted, or ``None`` for no cap.
 
     Raises:
         InputError: for a ``DYNLAB_THREADS``, ``SLURM_CPUS_PER_TASK`` or ``LOCAL_WORLD_SIZE`` that is not a whole
@@ -64,8 +68,11 @@ def decide_threads(env: Mapping[str, str], affinity: int, torch_threads_set: boo
     slurm, local = _positive(env, "SLURM_CPUS_PER_TASK"), _positive(env, "LOCAL_WORLD_SIZE")
     cpus, where = (slurm, "SLURM_CPUS_PER_TASK") if slurm is not None else (max(affinity, 1), "CPUs in this "
                                                                               "process's affinity")
+    reason = f"{cpus} {where}"
+    if torch_default is not None and 0 < torch_default < cpus:  # SMT: one thread per physical core, not per sibling
+        cpus, reason = torch_default, f"torch's default {torch_default} (physical cores), under the {reason}"
     threads = max(1, cpus // (local or 1))
-    reason = f"{cpus} {where}" + (f" / {local} local ranks (LOCAL_WORLD_SIZE)" if local else "")
+    reason += f" / {local} local ranks (LOCAL_WORLD_SIZE)" if local else ""
     # exported only where the count is this process's alone; a plain process may become the parent of Lightning's
     # CPU DDP launcher, whose children would inherit it, and Lightning divides the CPUs over them itself
     return ThreadChoice(threads, reason, export=slurm is not None or local is not None)
@@ -84,9 +91,10 @@ def configure_threads() -> None:
 
     affinity = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     # with neither variable set torch starts both pools at the same default size; a differing intra-op count was
-    # set by hand (an approximation: torch has no "was it set" flag)
+    # set by hand (an approximation: torch has no "was it set" flag). Read once, before dynlab sets it: torch's default
+    default = torch.get_num_threads()
     try:
-        choice = decide_threads(os.environ, affinity, torch.get_num_threads() != torch.get_num_interop_threads())
+        choice = decide_threads(os.environ, affinity, default != torch.get_num_interop_threads(), default)
     except InputError as err:
         print(f"dynlab: error: {err}", file=sys.stderr)
         sys.exit(2)

@@ -41,6 +41,8 @@ def fails_with(capsys, args: list[str]) -> str:
 
 BAD_ROWS = {  # the row, what the line must name, the stage
     "missing_rejected_for_dpo": ({k: v for k, v in GOOD.items() if k != "rejected"}, "row 3", "'rejected'", "dpo"),
+    "probe_row_without_rejected_for_dpo": ({"prompt": GOOD["prompt"], "chosen": GOOD["chosen"], "irr_hum": " A tree."},
+                                           "row 3", "field 'rejected': missing field", "dpo"),
     "non_string": ({**GOOD, "chosen": 5}, "row 3", "'chosen'", "sft"),
     "empty_response": ({**GOOD, "rejected": "   "}, "row 3", "'rejected'", "sft"),  # given, so checked, in SFT too
     "unparseable": ('{"prompt": "x", "chosen": ', "row 3", "", "sft"),

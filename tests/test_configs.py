@@ -7,7 +7,7 @@ import yaml
 
 from dynlab.cli import main
 from dynlab.reproduce import STAGES as STAGES_OF_RECIPE
-from dynlab.reproduce import stage_command
+from dynlab.reproduce import run_of, stage_command, stage_configs
 from tests.conftest import CONFIGS
 
 # overlays (tiny, strategies, the reproduce recipe's per-stage overlays) are parsed stacked, below
@@ -46,6 +46,9 @@ def test_every_reproduce_stage_parses_as_dynlab_reproduce_stacks_it(stage, scale
     init = cfg["model"]["init_args"]
     assert (init.get("init_from") is not None) == (stage.parent is not None)
     assert cfg["trainer"]["default_root_dir"] == str(tmp_path)
+    # dynlab reproduce knows where the stage's run lands: <out>/<the CSVLogger's name>/<the stage's fixed version>
+    csv_logger = next(x for x in cfg["trainer"]["logger"] if x["class_path"].endswith("CSVLogger"))
+    assert run_of(stage, stage_configs(stage, CONFIGS, scale, sizes)).parts[0] == csv_logger["init_args"]["name"]
     data = cfg["data"]["init_args"]
     if scale == "paper":
         assert data["source"] == "Anthropic/hh-rlhf" and init["policy"]["name_or_path"] == "EleutherAI/pythia-410m"

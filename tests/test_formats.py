@@ -209,6 +209,16 @@ def test_sft_rows_parse_without_rejected_and_dpo_rows_still_need_it(raw: dict) -
     assert (info.value.file, info.value.row, info.value.field) == ("sft.jsonl", 7, "rejected")
 
 
+def test_a_probe_row_without_rejected_is_refused_for_dpo_and_kept_as_probes() -> None:
+    raw = {"prompt": FLAT["prompt"], "chosen": " Hello!", "irr_hum": " A sentence."}
+    for format in ("auto", "probe"):
+        with pytest.raises(InputError, match="missing field") as info:
+            parse_row(raw, file="probe.jsonl", row=4, format=format, require_rejected=True)  # DPO
+        assert (info.value.file, info.value.row, info.value.field) == ("probe.jsonl", 4, "rejected")
+        for require_rejected in (False, None):  # SFT data; the default, where a probe set may leave it out
+            assert parse_row(raw, file="f", row=1, format=format, require_rejected=require_rejected) == raw
+
+
 def test_a_rejected_that_is_there_is_still_checked_in_sft_rows() -> None:
     for raw, match in (({**FLAT, "rejected": " "}, "empty"), ({**FLAT, "rejected": 3}, "got a number"),
                        ({"chosen": FLAT["prompt"] + " a", "rejected": "\n\nHuman: other\n\nAssistant: b"}, "differs"),

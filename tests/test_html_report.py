@@ -19,12 +19,12 @@ from PIL import Image
 
 from dynlab.cli import main
 from dynlab.evaluation.html_report import MISSING, config_differences, curve_panels, flatten
+from dynlab.evaluation.signatures import check_signatures, result_word
 from dynlab.tracking.plots import plot_runs
 from dynlab.tracking.trajectory import read_trajectory
 from tests.conftest import CONFIGS, run_dir_of, run_dynlab
 
 ENV = {"OMP_NUM_THREADS": "1", "WANDB_MODE": "disabled"}
-RESULT_WORDS = {True: "shown", False: "not shown (at this scale)", None: "undecided"}
 
 
 class Page(HTMLParser):
@@ -99,19 +99,29 @@ def report(runs, tmp_path_factory) -> tuple[Path, str]:
     return out, out.read_text(encoding="utf-8")
 
 
-def test_the_signature_table_shows_every_check_failed_ones_worded_not_shown(runs, report):
-    from dynlab.evaluation.signatures import check_signatures
-
-    expected = check_signatures([str(r) for r in runs], split="train")
-    rows = Page(report[1]).table(id="signature-table")
+@pytest.mark.parametrize("split", ["train", "test"])
+def test_both_splits_signature_tables_show_every_check_in_the_shared_wording(runs, report, split):
+    expected = check_signatures([str(r) for r in runs], split=split)
+    rows = Page(report[1]).table(id=f"signature-table-{split}")
     assert rows[0] == ["id", "claim", "result", "numbers", "runs", "reference"]
     assert len(rows) == 1 + len(expected) and expected
     for row, sig in zip(rows[1:], expected):
         assert row[0] == str(sig.id) and row[1].startswith(sig.claim.strip())
         assert row[5] == (sig.reference.strip() or "–")
-        assert row[2] == RESULT_WORDS[sig.passed]
+        assert row[2] == result_word(sig)  # 12/16 "pass"/"FAIL", the others "shown"/"not shown (at this scale)"
         for key in sig.numbers:  # the numbers are there whatever the result
             assert key in row[3]
+    assert {row[2] for row in rows[1:] if row[0] in ("12", "16")} <= {"pass", "FAIL", "undecided"}
+
+
+def test_one_split_on_request_and_each_runs_role_in_the_header(runs, tmp_path):
+    out = tmp_path / "r.html"
+    main(["report", *map(str, runs), "--split", "test", "--out", str(out)])
+    page = Page(text := out.read_text())
+    assert [a for a in page.tables if a[0].get("class") == "signatures"][0][0]["id"] == "signature-table-test"
+    assert 'id="signature-table-train"' not in text
+    for role, run in zip(("sft", "dpo"), runs):
+        assert f"({role}): <code>{run.resolve()}</code>" in text
 
 
 def test_every_image_is_an_embedded_png_and_nothing_comes_from_a_network(runs, report, tmp_path):
@@ -212,7 +222,11 @@ def test_texts_are_escaped_and_credentials_redacted(runs, tmp_path):
     assert diff["data.init_args.rephraser"][0] == "null" and "***" in diff["data.init_args.rephraser"][1]
 
 
-@pytest.mark.parametrize("case", ["missing", "no_config", "no_trajectory", "top_k"])
+HOSTILE = {"corrupt_parquet": "not a readable parquet file", "csv_not_utf8": "not a readable UTF-8 CSV",
+           "config_not_utf8": "not UTF-8", "no_plot_column": "no 'peakiness' column"}
+
+
+@pytest.mark.parametrize("case", ["missing", "no_config", "no_trajectory", "top_k", *HOSTILE])
 def test_bad_inputs_are_one_line_naming_the_path(case, runs, tmp_path, capsys):
     bad = tmp_path / "bad_run"
     if case == "no_config":
@@ -220,6 +234,18 @@ def test_bad_inputs_are_one_line_naming_the_path(case, runs, tmp_path, capsys):
     elif case == "no_trajectory":
         bad.mkdir()
         shutil.copy(runs[1] / "config.yaml", bad)
+    elif case in HOSTILE:
+        shutil.copytree(runs[1], bad, ignore=shutil.ignore_patterns("export", "checkpoints"))
+        steps = sorted((bad / "probes" / "trajectory").glob("step_*.parquet"))
+        if case == "corrupt_parquet":
+            steps[-1].write_bytes(b"PAR1 truncated")
+        elif case == "csv_not_utf8":
+            (bad / "metrics.csv").write_bytes(b"step,train/loss\n0,\xff\xfe\n")
+        elif case == "config_not_utf8":
+            (bad / "config.yaml").write_bytes((bad / "config.yaml").read_bytes() + b"# \xff\n")
+        else:
+            for step in steps:
+                pd.read_parquet(step).drop(columns="peakiness").to_parquet(step)
     out = tmp_path / "report.html"
     out.write_text("an earlier report")
     args = ["report", str(runs[0]), str(bad), "--out", str(out)]
@@ -230,8 +256,10 @@ def test_bad_inputs_are_one_line_naming_the_path(case, runs, tmp_path, capsys):
     err = capsys.readouterr().err
     assert exit_.value.code == 2 and err.startswith("dynlab: error: ") and err.count("\n") == 1
     expected = {"missing": "no such run directory", "no_config": "no config.yaml",
-                "no_trajectory": "no probe trajectory", "top_k": "--top-k"}[case]
+                "no_trajectory": "no probe trajectory", "top_k": "--top-k", **HOSTILE}[case]
     assert expected in err and (case == "top_k" or str(bad) in err)
+    if case == "corrupt_parquet":
+        assert steps[-1].name in err  # the very file
     assert out.read_text() == "an earlier report"  # nothing half-written, nothing overwritten
 
 
@@ -265,7 +293,7 @@ def test_a_real_browser_renders_the_page(report, tmp_path):
             page.on("requestfailed", lambda r: problems.append(f"request failed: {r.url}"))
             page.goto(out.resolve().as_uri(), wait_until="load")
             images = page.evaluate("Array.from(document.images).map(i => [i.complete, i.naturalWidth])")
-            rows = page.locator("#signature-table tbody tr").count()
+            rows = page.locator("table.signatures tbody tr").count()
             page.screenshot(path=str(shot), full_page=True)
             browser.close()
         assert problems == []
@@ -276,7 +304,7 @@ def test_a_real_browser_renders_the_page(report, tmp_path):
         dom = subprocess.run([binary, *flags, "--dump-dom", out.resolve().as_uri()], capture_output=True, text=True,
                              timeout=120)
         assert dom.returncode == 0, dom.stderr[-2000:]
-        assert 'id="signature-table"' in dom.stdout and dom.stdout.count("<img") == report[1].count("<img")
+        assert 'id="signature-table-train"' in dom.stdout and dom.stdout.count("<img") == report[1].count("<img")
         subprocess.run([binary, *flags, f"--screenshot={shot}", "--window-size=1400,3000", out.resolve().as_uri()],
                        capture_output=True, timeout=120, check=True)
     image = Image.open(shot)

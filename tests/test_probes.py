@@ -191,16 +191,35 @@ def test_carried_irr_train_never_trained_on_is_said_or_rebuilt(rebuild, tmp_path
         sets = dm.build_probe_sets(tiny_tokenizer())
     said = [r.getMessage() for r in caplog.records if "irr_train" in r.getMessage()]
     trained = {f" Answer {i}." for i in range(8)}
-    irr_train = [row["irr_train"] for row in sets["train"]]
+    # probe_test's irr_train is also a training row's response (on a held-out prompt), so both splits are checked
+    irr_train = {split: [row["irr_train"] for row in sets[split]] for split in ("train", "test")}
     if rebuild:
-        assert said == [] and all(text in trained for text in irr_train)
+        assert said == [] and all(text in trained for texts in irr_train.values() for text in texts)
         assert all(row["irr_train"] != row["chosen"] for row in sets["train"])  # another row's
     else:
-        assert len(said) == 1 and said[0].startswith("3 of 4 probe_train rows carry an irr_train response that is "
-                                                     "not the chosen response of any training row"), said
-        assert "data.rebuild_irr_train=true" in said[0]
-        assert irr_train == [" Elsewhere 0.", " Elsewhere 1.", " Answer 0.", " Elsewhere 3."]  # kept as given
-    assert [row["irr_train"] for row in sets["test"]] == [f" Elsewhere {i}." for i in range(8, 12)]  # untouched
+        tail = " rows carry an irr_train response that is not the chosen response of any training row"
+        assert [m.split(":")[0] for m in said] == [f"3 of 4 probe_train{tail}", f"4 of 4 probe_test{tail}"], said
+        assert all("data.rebuild_irr_train=true" in m for m in said)
+        assert irr_train == {"train": [" Elsewhere 0.", " Elsewhere 1.", " Answer 0.", " Elsewhere 3."],
+                             "test": [f" Elsewhere {i}." for i in range(8, 12)]}  # kept as given
+
+
+def test_a_probe_test_file_without_rejected_has_its_irr_train_rebuilt_from_the_training_rows(tmp_path) -> None:
+    import json
+
+    from dynlab.data.datamodule import ProbeDataModule
+    from dynlab.models.load import tiny_tokenizer
+
+    source = _probe_file(tmp_path)
+    probes = tmp_path / "probe_test.jsonl"  # e.g. `dynlab probe build --types chosen irr_train irr_hum`: no rejected
+    probes.write_text("".join(json.dumps({"prompt": f"\n\nHuman: Held out {i}?\n\nAssistant:", "chosen": f" Yes {i}.",
+                                          "irr_train": " Never trained.", "irr_hum": " A sentence."}) + "\n"
+                              for i in range(4)))
+    dm = ProbeDataModule(source=str(source), num_train=8, num_heldout=4, probe_size=4, probe_test_file=str(probes),
+                         rebuild_irr_train=True)
+    test = dm.build_probe_sets(tiny_tokenizer(), splits=["test"])["test"]
+    assert len(test) == 4 and all("rejected" not in row and row["irr_hum"] == " A sentence." for row in test)
+    assert all(row["irr_train"] in {f" Answer {i}." for i in range(8)} for row in test)
 
 
 @pytest.mark.skipif(not REAL_PROBE_FILE.exists(), reason="shared probe file not present")

@@ -1,16 +1,22 @@
 """``dynlab reproduce`` (make reproduce) on the tiny overlay and a slice of the shared HH rows: the four stages, the
-report and the timing split; a rerun reuses finished stages and resumes an interrupted one; changed arguments and bad
-paths are refused. The recipe at its real size on SmolLM2 is the slow tier's (tests/test_signatures.py)."""
+report and the timing split; a rerun reuses finished stages and resumes an interrupted one; a changed recipe, runs
+without a recipe and bad paths are refused; a stop is passed on to the stage. The recipe at its real size on SmolLM2
+is the slow tier's (tests/test_signatures.py)."""
 
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
 
-from dynlab.reproduce import STAGES
+from dynlab.reproduce import STAGES, stage_runs
 from tests.conftest import CONFIGS, SHARED_PROBE_FILE, run_dynlab
 
 TINY = ("--config", str(CONFIGS / "tiny.yaml"))
@@ -27,50 +33,59 @@ def hh_slice(tmp_path_factory) -> Path:
     return path
 
 
+def reproduce(cwd: Path, data: Path, *extra: str, out: str = "out") -> subprocess.CompletedProcess:
+    return run_dynlab("reproduce", "--data", str(data), "--out", out, *TINY, *extra, cwd=cwd, timeout=900)
+
+
 @pytest.fixture(scope="module")
 def reproduced(tmp_path_factory, hh_slice) -> tuple[Path, Path, str]:
     cwd = tmp_path_factory.mktemp("reproduce")
-    proc = run_dynlab("reproduce", "--data", str(hh_slice), "--out", "out", *TINY, cwd=cwd, timeout=900)
+    proc = reproduce(cwd, hh_slice, "--record", "record.json")
     assert proc.returncode == 0, proc.stderr[-3000:]
     return cwd, cwd / "out", proc.stdout
 
 
 def test_four_stages_report_signatures_and_timing(reproduced):
     cwd, out, stdout = reproduced
-    for stage in STAGES:
-        run = out / stage.run
-        assert (run / "export" / "config.json").is_file(), stage
-        assert (run / "timing.json").is_file(), stage
+    runs = stage_runs(out)
+    assert list(runs) == [s.name for s in STAGES]
+    for name, run in runs.items():
+        assert (run / "export" / "config.json").is_file(), name
+        assert (run / "timing.json").is_file(), name
     # both DPO runs start from their stage-1 export (policy and reference)
-    for stage, parent in (("dpo/from-sft", "sft/reproduce"), ("dpo/from-extend", "extend_sft/reproduce")):
-        config = (out / stage / "config.yaml").read_text(encoding="utf-8")
-        assert str(out / parent / "export") in config
-    assert (out / "report.html").is_file() and "signatures (PAPER_NOTES §9) on probe_train" in stdout
+    for stage, parent in (("dpo", "sft"), ("dpo_extend", "extend")):
+        assert str(runs[parent] / "export") in (runs[stage] / "config.yaml").read_text(encoding="utf-8")
+    assert (out / "report.html").is_file()
+    assert "signatures (PAPER_NOTES §9) on probe_train" in stdout and "on probe_test" in stdout
     timing = json.loads((out / "timing.json").read_text(encoding="utf-8"))
     assert set(timing["stages"]) == {s.name for s in STAGES}
     total = timing["total"]
     assert total["probe_eval_s"] > 0 and total["train_s"] > 0 and total["wall_s"] >= total["train_s"]
     assert "wall time" in stdout and "probe evaluation" in stdout
+    record = json.loads((cwd / "record.json").read_text(encoding="utf-8"))
+    assert record["total"] == total and {s["id"] for s in record["signatures"]["train"]} >= {4, 12, 16}
 
 
-def test_probe_train_irr_train_is_trained_on(reproduced):
-    # the shared rows' own irr_train points at rows outside the 40-pair subset; the recipe rebuilds it from the subset
+def test_probe_irr_train_is_trained_on(reproduced):
+    # the shared rows' own irr_train points at rows outside the training subset; the recipe rebuilds it from the subset
     _, out, _ = reproduced
-    probes = [json.loads(x) for x in (out / "sft/reproduce/probes/probe_train.jsonl").read_text().splitlines()]
-    config = (out / "sft/reproduce/config.yaml").read_text(encoding="utf-8")
+    run = stage_runs(out)["sft"]
+    config = (run / "config.yaml").read_text(encoding="utf-8")
     assert "rebuild_irr_train: true" in config
-    rows = [json.loads(x) for x in Path(str(config.split("source: ")[1].split()[0])).read_text().splitlines()]
+    rows = [json.loads(x) for x in Path(config.split("source: ")[1].split()[0]).read_text().splitlines()]
     trained = {r["chosen"] for r in rows[:16]}  # tiny.yaml: num_train 16
+    probes = [json.loads(x) for x in (run / "probes/probe_train.jsonl").read_text().splitlines()]
     assert probes and all(p["irr_train"] in trained for p in probes)
 
 
 def test_rerun_reuses_and_resumes(reproduced, hh_slice):
     cwd, out, _ = reproduced
+    runs = stage_runs(out)
     # an interrupted last stage: its export is gone, its last.ckpt is there
-    last = out / STAGES[-1].run
+    last = runs[STAGES[-1].name]
     shutil.rmtree(last / "export")
     assert (last / "checkpoints" / "last.ckpt").is_file()
-    proc = run_dynlab("reproduce", "--data", str(hh_slice), "--out", "out", *TINY, cwd=cwd, timeout=900)
+    proc = reproduce(cwd, hh_slice)
     assert proc.returncode == 0, proc.stderr[-3000:]
     for stage in STAGES[:-1]:
         assert f"{stage.name} already finished" in proc.stderr
@@ -78,12 +93,68 @@ def test_rerun_reuses_and_resumes(reproduced, hh_slice):
     assert (last / "export" / "config.json").is_file()
 
 
-def test_changed_arguments_are_refused(reproduced, hh_slice):
+def test_a_stage_run_again_runs_the_dpo_started_from_it_again(reproduced, hh_slice):
     cwd, out, _ = reproduced
-    proc = run_dynlab("reproduce", "--data", str(hh_slice), "--out", "out", *TINY, "--", "--seed_everything=1",
-                      cwd=cwd, timeout=300)
+    runs = stage_runs(out)
+    shutil.rmtree(runs["extend"])  # e.g. deleted by hand to redo it
+    before = (runs["dpo_extend"] / "export" / "config.json").stat().st_mtime_ns
+    proc = reproduce(cwd, hh_slice)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "running extend" in proc.stderr and "running dpo_extend" in proc.stderr
+    assert "sft already finished" in proc.stderr and "dpo already finished" in proc.stderr
+    assert (runs["dpo_extend"] / "export" / "config.json").stat().st_mtime_ns != before
+
+
+def test_a_changed_recipe_is_refused(reproduced, hh_slice, tmp_path):
+    cwd, out, _ = reproduced
+    proc = reproduce(cwd, hh_slice, "--", "--seed_everything=1")  # other arguments
     assert proc.returncode == 2 and "--fresh" in proc.stderr and "Traceback" not in proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1
+    overlay = tmp_path / "overlay.yaml"  # the same arguments, but a config file whose contents changed
+    overlay.write_text("seed_everything: 0\n")
+    first = reproduce(tmp_path, hh_slice, "--config", str(overlay), "--", "--trainer.max_steps=1",
+                      "--model.init_args.probe_every_n_steps=1")
+    assert first.returncode == 0, first.stderr[-3000:]
+    overlay.write_text("seed_everything: 1\n")
+    again = reproduce(tmp_path, hh_slice, "--config", str(overlay), "--", "--trainer.max_steps=1",
+                      "--model.init_args.probe_every_n_steps=1")
+    assert again.returncode == 2 and "config files or data" in again.stderr
+
+
+def test_runs_without_a_recipe_are_refused(reproduced, hh_slice, tmp_path):
+    _, out, _ = reproduced
+    shutil.copytree(out / "sft", tmp_path / "out" / "sft")
+    proc = reproduce(tmp_path, hh_slice)
+    assert proc.returncode == 2 and "recipe.json" in proc.stderr and "--fresh" in proc.stderr
+
+
+def test_sft_only_flat_rows(hh_slice, tmp_path):
+    # any preference file dynlab reads: flat {prompt, chosen, rejected} rows, none of the paper's probe types
+    flat = tmp_path / "flat.jsonl"
+    rows = [json.loads(x) for x in hh_slice.read_text().splitlines()]
+    flat.write_text("".join(json.dumps({k: r[k] for k in ("prompt", "chosen", "rejected")}) + "\n" for r in rows))
+    proc = reproduce(tmp_path, flat, "--", "--trainer.max_steps=1", "--model.init_args.probe_every_n_steps=1")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert all((run / "export").is_dir() for run in stage_runs(tmp_path / "out").values())
+
+
+def test_sigterm_is_passed_on_and_the_rerun_resumes(hh_slice, tmp_path):
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    args = [sys.executable, "-m", "dynlab.cli", "reproduce", "--data", str(hh_slice), "--out", "out", *TINY,
+            "--", "--trainer.max_steps=40", "--model.init_args.probe_every_n_steps=20"]
+    proc = subprocess.Popen(args, cwd=tmp_path, env=env, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 300
+    metrics = tmp_path / "out" / "sft" / "reproduce" / "metrics.csv"
+    while not (metrics.is_file() and len(metrics.read_text().splitlines()) > 3) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    proc.send_signal(signal.SIGTERM)
+    _, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 143, stderr[-2000:]
+    assert "rerun the same command to resume it" in stderr
+    # the stage stopped too (its lock is free), and the same command goes on from there
+    again = subprocess.run(args, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "sft in" in again.stderr
 
 
 def test_missing_data_file_is_one_line(tmp_path):

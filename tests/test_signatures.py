@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from dynlab.evaluation.signatures import check_signatures, signature_table
-from dynlab.reproduce import STAGES
+from dynlab.reproduce import stage_runs
 from tests.conftest import CONFIGS, SHARED_PROBE_FILE, run_dynlab
 
 pytestmark = pytest.mark.slow
@@ -37,7 +37,7 @@ def reproduced(tmp_path_factory) -> list[Path]:
     assert proc.returncode == 0, proc.stderr[-3000:]
     print(proc.stdout)  # the signature tables and the wall-time split, in the test log
     assert (cwd / "out" / "report.html").is_file()
-    return [cwd / "out" / stage.run for stage in STAGES]
+    return list(stage_runs(cwd / "out").values())
 
 
 @pytest.mark.parametrize("split", sorted(SHOWN))

@@ -15,8 +15,9 @@ from dynlab.errors import InputError
 from dynlab.evaluation.signatures import (
     Signature,
     check_signatures,
-    mean_curves,
+    result_word,
     run_roles,
+    signature_curves,
     signature_table,
 )
 from dynlab.tracking.trajectory import write_step
@@ -35,15 +36,17 @@ RISING_A_NORM = [10.0, 11.0, 12.0, 13.0]
 
 def write_run(root: Path, name: str, module: str, curves: dict, *, init_from: str | None = None,
               steps=STEPS, vocab: int | None = VOCAB, a_norm: dict | None = None, chosen: dict | None = None,
-              drop: tuple[str, ...] = (), rows: dict | None = None, probe_text: str = "same") -> Path:
+              drop: tuple[str, ...] = (), rows: dict | None = None, probe_text: str = "same",
+              data: dict | None = None) -> Path:
     """A run directory: ``curves`` maps each probe type (and ``argmax``) to its mean Δ per step; ``a_norm`` per
     type (default rising), ``chosen`` the chosen rows' energy/p_e/max_prob curves (default: falling, falling,
-    rising); ``drop`` leaves columns out; ``rows`` overrides single cells {(step, type, row): {column: value}}."""
+    rising); ``drop`` leaves columns out; ``rows`` overrides single cells {(step, type, row): {column: value}};
+    ``data`` the data module's init_args (default ``source: synthetic``)."""
     run = root / name
     config = {"seed_everything": 0, "trainer": {"max_steps": steps[-1]},
               "model": {"class_path": f"dynlab.modules.{module}",
                         "init_args": {"policy": {"name_or_path": "tiny"}, "init_from": init_from}},
-              "data": {"class_path": "dynlab.data.ProbeDataModule", "init_args": {"source": "synthetic"}}}
+              "data": {"class_path": "dynlab.data.ProbeDataModule", "init_args": data or {"source": "synthetic"}}}
     run.mkdir(parents=True)
     (run / "config.yaml").write_text("# lightning.pytorch==2.6.6\n" + yaml.safe_dump(config), encoding="utf-8")
     if vocab is not None:
@@ -121,6 +124,28 @@ def test_run_roles_any_dpo_run_without_a_matching_parent_is_dpo(tmp_path: Path) 
     assert run_roles([d0, base, d2]) == {"DPOModule_0": d0, "sft": base, "dpo": d2}
 
 
+def test_run_roles_a_dpo_run_from_another_dynlab_run_is_never_the_baseline_dpo(tmp_path: Path) -> None:
+    base = write_run(tmp_path, "runs/sft/version_0", "SFTModule", SFT)
+    ext = write_run(tmp_path, "runs/extend_sft/version_0", "ExtendSFTModule", SFT)  # on disk, not given
+    from_ext = write_run(tmp_path, "runs/dpo/from-extend", "DPOModule", DPO, init_from=str(ext / "export"))
+    assert run_roles([base, from_ext]) == {"sft": base, "DPOModule_1": from_ext}
+    from_ckpt = write_run(tmp_path, "runs/dpo/from-ckpt", "DPOModule", DPO,
+                          init_from=str(ext / "checkpoints" / "last.ckpt"))
+    # an export path that is not here (relative to another directory) may be any run's: not the baseline either
+    elsewhere = write_run(tmp_path, "runs/dpo/elsewhere", "DPOModule", DPO, init_from="other/extend/version_3/export")
+    from_base_model = write_run(tmp_path, "runs/dpo/from-base", "DPOModule", DPO, init_from=str(tmp_path / "hf"))
+    assert run_roles([from_ckpt, elsewhere, from_base_model]) == {
+        "DPOModule_0": from_ckpt, "DPOModule_1": elsewhere, "dpo": from_base_model}
+    # SFT -> DPO with the SFT run not given is still the baseline recipe
+    from_sft = write_run(tmp_path, "runs/dpo/from-sft", "DPOModule", DPO, init_from=str(base / "export"))
+    assert run_roles([from_ext, from_sft]) == {"DPOModule_0": from_ext, "dpo": from_sft}
+
+
+def test_a_run_without_step_0_decides_no_change_since_the_start(tmp_path: Path) -> None:
+    late = check(tmp_path, 4, sft({t: v[1:] for t, v in SFT.items()}, steps=STEPS[1:]))
+    assert late.passed is None and "starts at step 8, not 0" in late.detail
+
+
 def test_run_roles_an_ambiguous_relative_init_from_matches_no_run(tmp_path: Path) -> None:
     base = write_run(tmp_path, "a/sft/version_0", "SFTModule", SFT)
     ext = write_run(tmp_path, "b/sft/version_0", "ExtendSFTModule", SFT)  # the same trailing components
@@ -143,6 +168,22 @@ def test_run_roles_refuses_a_directory_without_config_or_trajectory(tmp_path: Pa
         run_roles([run])
 
 
+def test_unreadable_run_files_are_input_errors_naming_them(tmp_path: Path) -> None:
+    run = write_run(tmp_path, "run", "SFTModule", SFT)
+    step = sorted((run / "probes" / "trajectory").glob("*.parquet"))[1]
+    data = step.read_bytes()
+    step.write_bytes(b"not parquet at all")
+    with pytest.raises(InputError, match=rf"{step.name}.*not a readable parquet file"):
+        check_signatures([run])
+    step.write_bytes(data)
+    (run / "config.yaml").write_bytes(b"model: \xff\xfe\n")
+    with pytest.raises(InputError, match=r"config\.yaml.*not UTF-8"):
+        run_roles([run])
+    no_logp = write_run(tmp_path, "no_logp", "SFTModule", SFT, drop=("logp",))
+    with pytest.raises(InputError, match=r"trajectory.*no logp column"):
+        check_signatures([no_logp])
+
+
 def test_unknown_split_is_an_input_error(tmp_path: Path) -> None:
     run = write_run(tmp_path, "run", "SFTModule", SFT)
     with pytest.raises(InputError, match="split 'heldout'"):
@@ -152,9 +193,9 @@ def test_unknown_split_is_an_input_error(tmp_path: Path) -> None:
 # ---------------------------------------------------------------------------------------------------- curves
 
 
-def test_mean_curves_are_the_handmade_curves(tmp_path: Path) -> None:
+def test_signature_curves_are_the_handmade_curves(tmp_path: Path) -> None:
     run = write_run(tmp_path, "run", "SFTModule", SFT)
-    c = mean_curves(run)
+    c = signature_curves(run)
     assert list(c.index) == list(STEPS)
     for t, values in SFT.items():
         assert c[t].tolist() == pytest.approx(values), t
@@ -207,6 +248,10 @@ def test_5_sft_argmax_rises_energy_and_p_e_fall_a_norm_rises(tmp_path: Path) -> 
 
 def test_6_sft_irr_train_above_irr_test(tmp_path: Path) -> None:
     assert check(tmp_path / "a", 6, sft()).passed is True
+    # irr_train from the data: trained on only if they are training rows' chosen responses, which no run records
+    from_data = check(tmp_path / "f", 6, sft(data={"source": "hh.jsonl"}))
+    assert from_data.passed is None and "rebuild_irr_train" in from_data.detail
+    assert check(tmp_path / "g", 6, sft(data={"source": "hh.jsonl", "rebuild_irr_train": True})).passed is True
     assert check(tmp_path / "b", 6, sft(changed(SFT, irr_test=[0, 3, 4, 5]))).passed is False
     missing = check(tmp_path / "c", 6, sft({k: v for k, v in SFT.items() if k != "irr_test"}))
     assert missing.passed is None and "irr_test" in missing.detail
@@ -258,6 +303,37 @@ def test_11_dpo_squeezing(tmp_path: Path) -> None:
     assert check(tmp_path / "d", 11, dpo(a_norm={"rejected": [12.0, 12.0, 12.0, 12.0]})).passed is False
     assert check(tmp_path / "e", 11, dpo(drop=("a_norm",))).passed is None
     assert check(tmp_path / "f", 11, dpo({"chosen": DPO["chosen"], "argmax": DPO["argmax"]})).passed is None
+
+
+NAN, INF = float("nan"), float("inf")
+
+
+def test_12_and_16_fail_on_any_nan_or_inf(tmp_path: Path) -> None:
+    every = {(s, t, r): {"argmax_logp": NAN} for s in STEPS for t in SFT if t != "argmax" for r in range(4)}
+    all_nan = check(tmp_path / "a", 12, sft(rows=every))
+    assert all_nan.passed is False and all_nan.numbers["non-finite"] == all_nan.numbers["rows"] == 4 * 6 * 4
+    assert check(tmp_path / "b", 12, sft(rows={(8, "irr_test", 2): {"logp": INF}})).passed is False
+    one = check(tmp_path / "c", 16, sft(rows={(8, "rejected", 0): {"energy": NAN}}))
+    assert one.passed is False and one.numbers["energy non-finite"] == 1
+    assert check(tmp_path / "d", 16, sft(rows={(8, "rejected", 0): {"a_norm": INF}})).passed is False
+
+
+def test_a_nan_in_a_mean_is_never_averaged_away(tmp_path: Path) -> None:
+    nan_chosen = {(16, "chosen", 1): {"logp": NAN}}
+    for i, check_id in enumerate((4, 6, 7, 8)):
+        s = check(tmp_path / f"a{i}", check_id, sft(rows=nan_chosen if check_id != 6 else {(16, "irr_test", 1):
+                                                                                              {"logp": INF}}))
+        assert s.passed is None and "NaN or ±inf" in s.detail, s
+    a_norm = check(tmp_path / "b", 5, sft(rows={(8, "irr_test", 0): {"a_norm": NAN}}))
+    assert a_norm.passed is None and "undecided: every a_norm rises (NaN or ±inf: irr_test)" in a_norm.detail
+    random = check(tmp_path / "c", 7, sft(rows={(24, "random_permute", 3): {"logp": NAN}}))
+    assert random.passed is None and "random_permute below chosen (NaN or ±inf in random_permute)" in random.detail
+    other = check(tmp_path / "d", 11, dpo(rows={(8, "irr_hum", 0): {"logp": NAN}}))
+    assert other.passed is None and "every other type falls (NaN or ±inf: irr_hum)" in other.detail
+    assert check(tmp_path / "e", 9, dpo(rows={(8, "rejected", 0): {"logp": NAN}})).passed is None
+    extend = ("extend", "ExtendSFTModule", changed(SFT, rejected=[0, 8, 10, 11]), {"rows": {(24, "rejected", 0):
+                                                                                           {"logp": NAN}}})
+    assert check(tmp_path / "f", 13, sft(), extend).passed is None
 
 
 def test_12_argmax_logp_at_least_logp_on_every_run(tmp_path: Path) -> None:
@@ -332,10 +408,23 @@ def test_signature_table(tmp_path: Path) -> None:
     lines = table.splitlines()
     assert lines[0] == "| § | claim | runs | result | numbers | reference |"
     row4 = next(line for line in lines if line.startswith("| 4 |"))
-    assert "**FAIL**" in row4 and "Δ chosen 12" in row4
+    assert "| not shown (at this scale) |" in row4 and "Δ chosen = 12," in row4
     assert any(line.startswith("| 15 |") and "undecided" in line for line in lines)
-    assert any(line.startswith("- §4 (sft), **FAIL**: rule:") for line in lines)
+    assert any(line.startswith("- §4 (sft), not shown (at this scale): rule:") for line in lines)
     assert not any(line.startswith("- §9 ") for line in lines)  # passed checks get no note
+    assert any(line.startswith("| 12 |") and "| pass |" in line for line in lines)
+
+
+def test_one_result_wording_the_invariants_fail_the_signatures_are_not_shown(tmp_path: Path) -> None:
+    def word(check: int, passed) -> str:
+        return result_word(Signature(check, "claim", passed, {}, "", ()))
+
+    assert [word(12, p) for p in (True, False, None)] == ["pass", "FAIL", "undecided"]
+    assert [word(16, p) for p in (True, False, None)] == ["pass", "FAIL", "undecided"]
+    assert [word(4, p) for p in (True, False, None)] == ["shown", "not shown (at this scale)", "undecided"]
+    run = write_run(tmp_path, "sft", "SFTModule", SFT,
+                    rows={(8, "chosen", 1): {"energy": 2.0}})
+    assert "| 16 | energy ∈ [0, 1]" in (table := signature_table(check_signatures([run]))) and "| FAIL |" in table
 
 
 # ---------------------------------------------------------------------------------------------------- end to end

@@ -117,9 +117,10 @@ class ProbeDataModule(L.LightningDataModule):
         probe_types: probe response types to score (``None`` = every type the data can give).
         probe_train_file: a probe jsonl in the paper's format used as probe_train instead of building one.
         probe_test_file: the same for probe_test (e.g. ``../shared/data/hh_probe/probe_test.jsonl``).
-        rebuild_irr_train: ignore the ``irr_train`` responses the probe_train rows carry (the paper's probe file
-            has them, often from rows that are not trained on here) and build them from the training rows: the
-            chosen response of another training row.
+        rebuild_irr_train: ignore the ``irr_train`` responses the probe rows of either split carry (the paper's
+            probe file has them, often from rows that are not trained on here) and build them from the training
+            rows: the chosen response of another training row (for probe_test too: irr_train is a trained-on
+            response on held-out prompts).
         sample_chosen_initial: add the ``chosen_initial`` probe type where the data lacks it: a response sampled
             (seeded by ``seed``) from the initial policy; the run's ``probes/probe_{split}.jsonl`` keeps the texts.
         chosen_initial_max_tokens: length limit of those samples.
@@ -216,7 +217,7 @@ class ProbeDataModule(L.LightningDataModule):
                          generate: Callable[..., list[str]] | None = None,
                          splits: Sequence[str] = PROBE_SPLITS) -> dict[str, list[dict]]:
         """The probe texts of ``splits``, ``{split: [{"prompt", type: response, ...}]}``; warns once about the
-        types that could not be built, per split about a size larger than the rows at hand, and about probe_train
+        types that could not be built, and per split about a size larger than the rows at hand and about probe
         rows whose own ``irr_train`` response is not trained on."""
         hp = self.hp
         if train_rows is None or heldout_rows is None:
@@ -227,16 +228,16 @@ class ProbeDataModule(L.LightningDataModule):
         sets = {}
         for split in splits:
             file, rows = sources[split]
-            rows = load_rows(file, format="probe") if file else rows
+            rows = load_rows(file, format="probe", require_rejected=False) if file else rows  # rejected optional
             size, name = self.probe_size_of(split)
             if len(rows) < size:
                 log.warning("data.%s is %d, but only %d probe_%s rows are available: probing those", name, size,
                             len(rows), split)
             rows = rows[:size]
-            if split == "train" and hp.rebuild_irr_train:
-                rows = [{k: v for k, v in r.items() if k != "irr_train"} for r in rows]  # built from train_rows
-            elif split == "train":
-                _warn_untrained_irr_train(rows, train_rows)
+            if hp.rebuild_irr_train:  # both splits: irr_train is built from train_rows below
+                rows = [{k: v for k, v in r.items() if k != "irr_train"} for r in rows]
+            else:
+                _warn_untrained_irr_train(rows, train_rows, split)
             if hp.sample_chosen_initial and any("chosen_initial" not in r for r in rows):
                 rows = self._with_chosen_initial(tokenizer, rows, generate)
             if backend is not None:
@@ -361,13 +362,14 @@ class ProbeDataModule(L.LightningDataModule):
         return [self.probe_dataloader(split) for split in PROBE_SPLITS]
 
 
-def _warn_untrained_irr_train(rows: list[dict], train_rows: list[dict]) -> None:
-    """Warn once when probe_train rows carry their own ``irr_train`` response (the paper's probe file does) that is
-    not the chosen response of any training row: that signal then measures a response never trained on."""
+def _warn_untrained_irr_train(rows: list[dict], train_rows: list[dict], split: str) -> None:
+    """Warn once when the rows of probe split ``split`` carry their own ``irr_train`` response (the paper's probe
+    file does) that is not the chosen response of any training row: that signal then measures a response never
+    trained on (in probe_test too, where irr_train is a training row's response on a held-out prompt)."""
     trained = {r["chosen"] for r in train_rows}
     carried = [r["irr_train"] for r in rows if isinstance(r.get("irr_train"), str)]
     untrained = sum(text not in trained for text in carried)
     if untrained:
-        log.warning("%d of %d probe_train rows carry an irr_train response that is not the chosen response of any "
+        log.warning("%d of %d probe_%s rows carry an irr_train response that is not the chosen response of any "
                     "training row: their irr_train measures a response never trained on (data.rebuild_irr_train=true "
-                    "builds irr_train from the training rows instead)", untrained, len(rows))
+                    "builds irr_train from the training rows instead)", untrained, len(rows), split)

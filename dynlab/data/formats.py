@@ -55,7 +55,7 @@ def parse_row(
     render_chat: Callable[[list[dict]], str] | None = None,
     format: Format = "auto",
     allow_empty: bool = False,
-    require_rejected: bool = True,
+    require_rejected: bool | None = None,
 ) -> dict[str, str]:
     """Turn one raw row into ``{"prompt", "chosen", "rejected", ...probe types}`` text.
 
@@ -71,12 +71,14 @@ def parse_row(
             key is ``hh``, else ``flat``.
         allow_empty: keep empty or whitespace-only responses. Probe rows always keep them: the paper's released
             probe file has empty ``chosen_initial`` samples and a blank HH ``rejected`` (scored as EOS only).
-        require_rejected: a row without a rejected response is an error (DPO). When False (SFT data), such a row
-            (no ``rejected`` key, or a null one) parses without it; a rejected response that is there is still checked.
+        require_rejected: True: a row without a rejected response is an error (DPO), whatever its format. False
+            (SFT data, probe sets): such a row (no ``rejected`` key, or a null one) parses without it. ``None``
+            (the default): an error except in probe-format rows, which a probe set may leave out. A rejected
+            response that is there is always checked.
 
     Returns:
         The parsed row; probe rows also keep the :data:`PROBE_FILE_TYPES` they have (``chosen_selfr`` and unknown
-        keys are dropped). ``rejected`` is absent where the row has none and ``require_rejected`` is False.
+        keys are dropped). ``rejected`` is absent where the row has none and it is not required.
 
     Raises:
         InputError: naming file, row and field, for a missing or non-string field, an empty prompt or response, a
@@ -87,12 +89,13 @@ def parse_row(
     if format not in _FORMATS:
         raise InputError(f"unknown format {format!r}; use one of {', '.join(_FORMATS)}", file=file, row=row)
     where = {"file": file, "row": row}
-    if not require_rejected and raw.get("rejected", 0) is None:  # a null in an optional column (parquet, hub)
+    if require_rejected is False and raw.get("rejected", 0) is None:  # a null in an optional column (parquet, hub)
         raw = {k: v for k, v in raw.items() if k != "rejected"}
     if format == "auto":
         format = _detect_format(raw, where)
-    # a probe file may leave out rejected (e.g. `dynlab probe build --types chosen irr_hum`), and so may SFT data
-    with_rejected = "rejected" in raw or (require_rejected and format != "probe")
+    # SFT data may leave out rejected, and so may a probe set (e.g. `dynlab probe build --types chosen irr_hum`);
+    # DPO (require_rejected=True) needs it in every row, probe-format rows included
+    with_rejected = "rejected" in raw or (format != "probe" if require_rejected is None else require_rejected)
     if format == "hh":
         out = _parse_hh(raw, where, with_rejected)
     elif format == "chat":
@@ -121,7 +124,7 @@ def load_rows(
     render_chat: Callable[[list[dict]], str] | None = None,
     limit: int | None = None,
     allow_empty: bool = False,
-    require_rejected: bool = True,
+    require_rejected: bool | None = None,
 ) -> list[dict[str, str]]:
     """Load preference rows from a local file or a Hugging Face hub dataset, each parsed by :func:`parse_row`.
 
@@ -146,7 +149,7 @@ def load_rows(
         render_chat: see :func:`parse_row`.
         limit: keep only the first ``limit`` rows.
         allow_empty: see :func:`parse_row`.
-        require_rejected: see :func:`parse_row` (False for SFT data: prompt and chosen alone).
+        require_rejected: see :func:`parse_row` (True for DPO, False for SFT data: prompt and chosen alone).
 
     Returns:
         The parsed rows.

@@ -18,10 +18,16 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-import yaml
-
-from dynlab.errors import InputError, redact
+from dynlab.errors import InputError
 from dynlab.evaluation.generation import write_text_atomic
+from dynlab.evaluation.signatures import (
+    check_run_dir,
+    format_numbers,
+    load_trajectory,
+    probe_texts,
+    read_run_config,
+    result_word,
+)
 
 CSS = """
 body { font: 14px/1.45 system-ui, -apple-system, "Segoe UI", Helvetica, Arial, sans-serif; margin: 1.5em auto;
@@ -40,7 +46,8 @@ code, .mono { font-family: ui-monospace, SFMono-Regular, Menlo, Consolas, monosp
 """
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 MISSING = type("Missing", (), {"__repr__": lambda self: "MISSING"})()  # a key one config does not have
-RESULT_WORDS = {True: ("pass", "shown"), False: ("fail", "not shown (at this scale)"), None: ("undecided", "undecided")}
+RESULT_CLASS = {True: "pass", False: "fail", None: "undecided"}  # the row's colour; its words are result_word's
+SPLITS = ("train", "test")
 
 
 def esc(value: Any) -> str:
@@ -52,22 +59,11 @@ def truncate(text: str, limit: int) -> str:
 
 
 def check_run_dirs(run_dirs: Sequence[str | os.PathLike]) -> list[Path]:
-    """Each run dir exists and holds a config.yaml and a probe trajectory, else an InputError naming the path."""
-    from dynlab.tracking.trajectory import TRAJECTORY_DIR
-
+    """Each run dir exists and holds a readable config.yaml and a probe trajectory
+    (:func:`~dynlab.evaluation.signatures.check_run_dir`), else an InputError naming the path."""
     if not run_dirs:
         raise InputError("give at least one run directory")
-    paths = []
-    for run in map(Path, run_dirs):
-        if not run.is_dir():
-            raise InputError("no such run directory", file=str(run))
-        if not (run / "config.yaml").is_file():
-            raise InputError("no config.yaml: not a dynlab fit run directory?", file=str(run))
-        if not any((run / TRAJECTORY_DIR).glob("step_*.parquet")):
-            raise InputError(f"no probe trajectory ({TRAJECTORY_DIR}/step_*.parquet): a run with probes off, or not "
-                             "a dynlab fit run directory?", file=str(run))
-        paths.append(run)
-    return paths
+    return [check_run_dir(run) for run in run_dirs]
 
 
 def img_tag(png: bytes, alt: str) -> str:
@@ -81,40 +77,53 @@ def figure(png: bytes, caption: str) -> str:
     return f"<figure>{img_tag(png, caption)}<figcaption>{esc(caption)}</figcaption></figure>"
 
 
-def format_number(value: Any) -> str:
-    return f"{value:.4g}" if isinstance(value, float) else str(value)
-
-
 # ---- 1. the signatures --------------------------------------------------------------------------------------------
-def signature_section(run_dirs: Sequence[Path], split: str) -> str:
-    """The table of :func:`dynlab.evaluation.signatures.check_signatures`: every check, failed ones included."""
+def signature_table_html(run_dirs: Sequence[Path], split: str) -> str:
+    """One split's table of :func:`dynlab.evaluation.signatures.check_signatures`: every check, failed ones
+    included, worded by :func:`~dynlab.evaluation.signatures.result_word` as in ``signature_table``."""
     from dynlab.evaluation.signatures import check_signatures
 
     signatures = check_signatures([str(r) for r in run_dirs], split=split)
     rows = []
     for sig in signatures:
-        css, word = RESULT_WORDS[sig.passed]
-        numbers = "<br>".join(f"{esc(k)} = {esc(format_number(v))}" for k, v in sig.numbers.items())
+        numbers = "<br>".join(map(esc, format_numbers(sig.numbers)))
         detail = f"<br><small>{esc(sig.detail)}</small>" if sig.detail else ""
-        rows.append(f'<tr class="{css}"><td class="num">{esc(sig.id)}</td>'
+        rows.append(f'<tr class="{RESULT_CLASS[sig.passed]}"><td class="num">{esc(sig.id)}</td>'
                     f'<td class="claim">{esc(sig.claim)}{detail}</td>'
-                    f'<td class="result">{esc(word)}</td><td class="mono numbers">{numbers}</td>'
+                    f'<td class="result">{esc(result_word(sig))}</td><td class="mono numbers">{numbers}</td>'
                     f"<td>{esc(', '.join(sig.runs) or '–')}</td><td>{esc(sig.reference or '–')}</td></tr>")
-    counts = {word: sum(RESULT_WORDS[s.passed][1] == word for s in signatures) for _, word in RESULT_WORDS.values()}
+    counts: dict[str, int] = {}
+    for sig in signatures:
+        counts[result_word(sig)] = counts.get(result_word(sig), 0) + 1
     summary = ", ".join(f"{n} {word}" for word, n in counts.items())
-    return (f'<h2 id="signatures">The paper\'s signatures (probe_{esc(split)})</h2>'
-            f"<p>{len(signatures)} checks: {esc(summary)}. A check not shown here may still hold at a larger scale "
-            "(more steps, a larger model); its numbers are given either way.</p>"
-            '<table id="signature-table"><thead><tr><th>id</th><th>claim</th><th>result</th><th>numbers</th>'
-            "<th>runs</th><th>reference</th></tr></thead><tbody>" + "".join(rows) + "</tbody></table>")
+    return (f'<h3 id="signatures-{esc(split)}">probe_{esc(split)}</h3><p>{len(signatures)} checks: {esc(summary)}.</p>'
+            f'<table id="signature-table-{esc(split)}" class="signatures"><thead><tr><th>id</th><th>claim</th>'
+            "<th>result</th><th>numbers</th><th>runs</th><th>reference</th></tr></thead><tbody>" + "".join(rows)
+            + "</tbody></table>")
+
+
+def signature_section(run_dirs: Sequence[Path], splits: Sequence[str] = SPLITS) -> str:
+    """The signature table of each probe split in ``splits``."""
+    splits = [splits] if isinstance(splits, str) else splits
+    return ('<h2 id="signatures">The paper\'s signatures</h2><p>A signature "not shown" here may still hold at a '
+            "larger scale (more steps, a larger model); its numbers are given either way. 12 and 16 are invariants: "
+            "a FAIL there is a bug or a NaN in the trajectory.</p>"
+            + "".join(signature_table_html(run_dirs, split) for split in splits))
 
 
 # ---- 2. the figures of dynlab plot --------------------------------------------------------------------------------
 def figures_section(run_dirs: Sequence[Path]) -> str:
+    """The figures; a trajectory without a column they need is an InputError naming it."""
     from dynlab.tracking.plots import plot_runs
 
     with tempfile.TemporaryDirectory(prefix="dynlab-report-") as tmp:
-        parts = [figure(p.read_bytes(), p.name) for p in plot_runs(run_dirs, tmp)]
+        try:
+            parts = [figure(p.read_bytes(), p.name) for p in plot_runs(run_dirs, tmp)]
+        except KeyError as err:  # pandas: KeyError('peakiness') or KeyError('Column not found: peakiness')
+            column = str(err.args[0] if err.args else "?").removeprefix("Column not found: ").strip("'\"")
+            run = next((r for r in run_dirs if column not in load_trajectory(r).columns), run_dirs[0])
+            raise InputError(f"the probe trajectory has no {column!r} column, which the figures need",
+                             file=str(run / "probes" / "trajectory")) from None
     return '<h2 id="figures">Probe dynamics (the figures of <code>dynlab plot</code>)</h2>' + "".join(parts)
 
 
@@ -130,14 +139,7 @@ def flatten(value: Any, prefix: str = "") -> dict[str, Any]:
 
 def read_config(run: Path) -> tuple[str, dict[str, Any]]:
     """The run's config.yaml (redacted again, in case) and its flattened values."""
-    path = run / "config.yaml"
-    text = redact(path.read_text(encoding="utf-8"))
-    try:
-        config = yaml.safe_load(text)
-    except yaml.YAMLError as err:
-        raise InputError(f"not valid YAML ({getattr(err, 'problem', None) or err})", file=str(path)) from err
-    if not isinstance(config, dict):
-        raise InputError("not a config mapping", file=str(path))
+    text, config = read_run_config(run, redacted=True)
     return text, flatten(config)
 
 
@@ -207,7 +209,11 @@ def plot_training_curves(run_dirs: Sequence[Path], labels: Sequence[str]) -> byt
     for label, run in zip(labels, run_dirs):
         path = run / "metrics.csv"
         if path.is_file() and path.stat().st_size:
-            frame = pd.read_csv(path)
+            try:
+                frame = pd.read_csv(path, encoding="utf-8")
+            except ValueError as err:  # UnicodeDecodeError, a ParserError
+                first = (str(err).strip().splitlines() or [type(err).__name__])[0]
+                raise InputError(f"not a readable UTF-8 CSV ({first})", file=str(path)) from None
             if "step" in frame.columns:
                 frames[label] = frame
     panels: dict[str, list[str]] = {}
@@ -252,20 +258,9 @@ def curves_section(run_dirs: Sequence[Path], labels: Sequence[str]) -> str:
 
 
 # ---- 5. the probe examples that moved most ------------------------------------------------------------------------
-def probe_texts(run: Path, split: str) -> list[dict] | None:
-    """The probe rows a run scored (``probes/probe_{split}.jsonl``), None if the file is missing or unreadable."""
-    path = run / "probes" / f"probe_{split}.jsonl"
-    try:
-        return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
-    except (OSError, ValueError):
-        return None
-
-
 def top_movers(run: Path, k: int):
     """The ``k`` (split, type, row) whose log π moved most (|Δ|) from the run's first evaluation to its last."""
-    from dynlab.tracking.trajectory import read_trajectory
-
-    frame = read_trajectory(run)
+    frame = load_trajectory(run)
     first, last = frame["step"].min(), frame["step"].max()
     keys = ["split", "type", "row"]
     start = frame[frame["step"] == first].set_index(keys)["logp"]
@@ -285,7 +280,7 @@ def movers_section(run_dirs: Sequence[Path], labels: Sequence[str], k: int, limi
         for item in moved.itertuples(index=False):
             rows_of_split = texts[item.split]
             if rows_of_split is None:
-                prompt = response = f"(probes/probe_{item.split}.jsonl missing)"
+                prompt = response = f"(probes/probe_{item.split}.jsonl missing or unreadable)"
             elif item.row >= len(rows_of_split):
                 prompt = response = f"(row {item.row} not in probes/probe_{item.split}.jsonl)"
             else:
@@ -303,17 +298,23 @@ def movers_section(run_dirs: Sequence[Path], labels: Sequence[str], k: int, limi
 
 
 # ---- the page -----------------------------------------------------------------------------------------------------
-def build_report(run_dirs: Sequence[str | os.PathLike], split: str = "train", top_k: int = 5,
+def build_report(run_dirs: Sequence[str | os.PathLike], split: str | Sequence[str] = SPLITS, top_k: int = 5,
                  text_limit: int = 300) -> str:
-    """The whole HTML page for ``run_dirs`` (checked first: a bad one is an InputError naming it)."""
+    """The whole HTML page for ``run_dirs`` (checked first: a bad one is an InputError naming it), with the
+    signature tables of each probe split in ``split`` (default both)."""
+    from dynlab.evaluation.signatures import run_roles
     from dynlab.tracking.plots import run_labels
 
     runs = check_run_dirs(run_dirs)
+    for run in runs:
+        load_trajectory(run)  # an unreadable step file or a missing logp column: one line, before any section
+    splits = [split] if isinstance(split, str) else list(split)
     labels = run_labels(runs)
-    listing = "".join(f"<li><b>{esc(label)}</b>: <code>{esc(run.resolve())}</code></li>"
+    role = {path: name for name, path in run_roles(runs).items()}
+    listing = "".join(f"<li><b>{esc(label)}</b> ({esc(role[run])}): <code>{esc(run.resolve())}</code></li>"
                       for label, run in zip(labels, runs))
     stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
-    sections = [signature_section(runs, split), figures_section(runs), curves_section(runs, labels),
+    sections = [signature_section(runs, splits), figures_section(runs), curves_section(runs, labels),
                 movers_section(runs, labels, top_k, text_limit), config_section(runs, labels)]
     return ("<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
             '<meta name="viewport" content="width=device-width, initial-scale=1">'
@@ -330,7 +331,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="dynlab report", description=main.__doc__)
     parser.add_argument("runs", nargs="+", help="run directories (runs/<stage>/version_N)")
     parser.add_argument("--out", required=True, help="the HTML file to write")
-    parser.add_argument("--split", default="train", choices=["train", "test"], help="probe split of the signatures")
+    parser.add_argument("--split", nargs="+", default=list(SPLITS), choices=SPLITS,
+                        help="probe splits of the signature tables (default: train test)")
     parser.add_argument("--top-k", type=int, default=5, help="probe examples shown per run (default 5)")
     parser.add_argument("--text-limit", type=int, default=300, help="characters of each prompt/response shown")
     args = parser.parse_args(argv)

@@ -18,10 +18,12 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
 import yaml
 
-from dynlab.errors import InputError
-from dynlab.tracking.trajectory import TRAJECTORY_DIR, read_trajectory
+from dynlab.errors import InputError, redact
+from dynlab.tracking.trajectory import KEY_COLUMNS, TRAJECTORY_DIR, read_trajectory
 
 # Probe evaluation is teacher-forced and deterministic, so a mean curve moves only when the weights do; what is left
 # is float32 summation order (~1e-5 nats on a sum over ~100 tokens, more with nondeterministic GPU reductions).
@@ -32,8 +34,9 @@ UNIT_ATOL, UNIT_RTOL = 1e-6, 1e-5  # check 16: float32 rounding at the ends of e
 MUCH_MORE = 2.0  # check 9: "rejected falls much more than chosen" = its fall is at least this many times chosen's
 
 MODULE_ROLES = {"SFTModule": "sft", "ExtendSFTModule": "extend"}  # DPOModule: "dpo" / "dpo_extend" by its parent
+INVARIANTS = (12, 16)  # sanity checks: failing one is a bug or a NaN, not a signature too weak at this scale
 ON_POLICY_ID = 15
-# mean_curves' columns that are not probe types (besides the {type}_a_norm ones)
+# signature_curves' columns that are not probe types (besides the {type}_a_norm ones)
 DERIVED = ("argmax", "chosen_energy", "chosen_p_e", "chosen_max_prob", "rejected_logp", "chosen_logp")
 
 CLAIMS = {
@@ -84,18 +87,33 @@ class Signature:
 # ---------------------------------------------------------------------------------------------------------- runs
 
 
-def _config(run_dir: Path) -> dict:
-    path = run_dir / "config.yaml"
+def _first_line(err: BaseException) -> str:
+    return (str(err).strip().splitlines() or [type(err).__name__])[0]
+
+
+def read_run_config(run_dir: str | os.PathLike, *, redacted: bool = False) -> tuple[str, dict]:
+    """A run's config.yaml: its text (credentials redacted when ``redacted``, the mapping read from that text) and
+    the mapping. An InputError naming the file when it is missing, not UTF-8, not YAML or not a mapping."""
+    path = Path(run_dir) / "config.yaml"
     if not path.is_file():
         raise InputError("not a run directory: no config.yaml (the resolved config `dynlab fit` writes)",
                          file=str(path))
     try:
-        config = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except (yaml.YAMLError, UnicodeDecodeError) as err:
-        raise InputError(f"not readable YAML: {str(err).splitlines()[0]}", file=str(path)) from None
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        raise InputError(f"not UTF-8 text ({err.reason} at byte {err.start})", file=str(path)) from None
+    text = redact(text) if redacted else text
+    try:
+        config = yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        raise InputError(f"not readable YAML: {_first_line(err)}", file=str(path)) from None
     if not isinstance(config, dict):
         raise InputError("expected a mapping (the resolved config `dynlab fit` writes)", file=str(path))
-    return config
+    return text, config
+
+
+def _config(run_dir: Path) -> dict:
+    return read_run_config(run_dir)[1]
 
 
 def _model_args(config: dict) -> tuple[str, dict]:
@@ -111,6 +129,53 @@ def _check_trajectory(run_dir: Path) -> None:
     if not any(directory.glob("step_*.parquet")):
         raise InputError("no probe trajectory (step_*.parquet); was the run started with probe_every_n_steps: 0?",
                          file=str(directory))
+
+
+def check_run_dir(run_dir: str | os.PathLike) -> Path:
+    """``run_dir`` as a Path if it is a run directory the checks and ``dynlab report`` can read (it exists, holds a
+    readable config.yaml and a probe trajectory), else an InputError naming the path."""
+    path = Path(run_dir)
+    if not path.is_dir():
+        raise InputError("no such run directory", file=str(path))
+    read_run_config(path)
+    _check_trajectory(path)
+    return path
+
+
+def load_trajectory(run_dir: str | os.PathLike) -> pd.DataFrame:
+    """:func:`read_trajectory`, with a step file that is not readable parquet, or a trajectory without the key
+    columns and ``logp``, an InputError naming the file (not a traceback)."""
+    directory = Path(run_dir) / TRAJECTORY_DIR
+    errors = (pa.ArrowException, OSError, ValueError)
+    try:
+        frame = read_trajectory(run_dir)
+    except errors as err:
+        for file in sorted(directory.glob("step_*.parquet")):
+            try:
+                pq.read_table(file)
+            except errors as file_err:
+                raise InputError(f"not a readable parquet file ({_first_line(file_err)})", file=str(file)) from None
+        raise InputError(f"unreadable probe trajectory ({_first_line(err)})", file=str(directory)) from None
+    if not frame.empty and (missing := [c for c in (*KEY_COLUMNS, "logp") if c not in frame]):
+        raise InputError(f"the probe trajectory has no {', '.join(missing)} column", file=str(directory))
+    return frame
+
+
+def _dynlab_parent(init_from: str | None) -> str | None:
+    """The module class of the dynlab run whose export or checkpoint (or directory) ``init_from`` is; ``"unknown"``
+    when it names an ``export``/``checkpoints`` path that is not here (e.g. relative to another directory); None
+    when it is no dynlab run's (null, a base model, a hub name)."""
+    if not init_from:
+        return None
+    target = Path(str(init_from)).expanduser()
+    cut = max((i for i, p in enumerate(target.parts) if p in ("export", "checkpoints")), default=None)
+    base = target if cut is None else Path(*target.parts[:cut])
+    if (base / "config.yaml").is_file():
+        try:
+            return _model_args(_config(base))[0]
+        except InputError:
+            return "unknown"
+    return None if cut is None else "unknown"
 
 
 def _parent(init_from: str | None, candidates: Sequence[Path]) -> Path | None:
@@ -149,8 +214,10 @@ def run_roles(run_dirs: Sequence[str | os.PathLike]) -> dict[str, Path]:
 
     - ``sft``: the first ``SFTModule`` run; ``extend``: the first ``ExtendSFTModule`` run.
     - ``dpo``: the first ``DPOModule`` run whose ``model.init_args.init_from`` is the sft run's export (or a file in
-      that run); if none is, the first DPO run started from neither the sft nor the extend run (e.g. from the base
-      model).
+      that run); if none is, the first DPO run started from no dynlab run (``init_from`` null or a base model: not
+      an ``export``/``checkpoints`` path, nor a directory with a config.yaml) or from an SFTModule run not given
+      here. A DPO run from any other run not given (an ExtendSFT run's export, an export path not found here) is
+      never ``dpo``.
     - ``dpo_extend``: the first DPO run started from the extend run's export.
     - every other run: its module's class name and its position in ``run_dirs``, e.g. ``SFTModule_3``.
 
@@ -184,7 +251,8 @@ def run_roles(run_dirs: Sequence[str | os.PathLike]) -> dict[str, Path]:
         if match is not None:
             role_of[match] = role
     if "dpo" not in role_of.values():
-        match = next((p for p in dpo_runs if p not in role_of and parent_of[p] is None), None)
+        match = next((p for p in dpo_runs if p not in role_of and parent_of[p] is None
+                      and _dynlab_parent(modules[p][1]) in (None, "SFTModule")), None)
         if match is not None:
             role_of[match] = "dpo"
     return {role_of.get(p, f"{modules[p][0]}_{i}"): p for i, p in enumerate(paths)}
@@ -194,7 +262,7 @@ def run_roles(run_dirs: Sequence[str | os.PathLike]) -> dict[str, Path]:
 
 
 def _split_frame(run_dir: str | os.PathLike, split: str) -> pd.DataFrame:
-    frame = read_trajectory(run_dir)
+    frame = load_trajectory(run_dir)
     if frame.empty:
         raise InputError("no probe rows in the trajectory", file=str(Path(run_dir) / TRAJECTORY_DIR))
     out = frame[frame["split"] == split]
@@ -211,33 +279,53 @@ def _delta(frame: pd.DataFrame, column: str) -> pd.Series:
     return pd.Series(frame[column].to_numpy() - first.reindex(keys).to_numpy(), index=frame.index)
 
 
+def _mean(values: pd.Series, by) -> pd.Series:
+    """Mean per group, NaN where any of the group's values is NaN or ±inf: never averaged without them."""
+    values = values.astype(float)
+    grouped = values.where(np.isfinite(values)).groupby(by)
+    return grouped.mean().where(grouped.count() == grouped.size())
+
+
+def _nonfinite(values: pd.Series) -> int:
+    return int((~np.isfinite(values.astype(float))).sum())
+
+
 def _curves(frame: pd.DataFrame) -> pd.DataFrame:
-    by = [frame["step"], frame["type"]]
-    out = _delta(frame, "logp").groupby(by).mean().unstack("type")
+    """The mean curves; ``attrs["nonfinite"]`` counts, per column, the NaN or ±inf values its means would read
+    (their means are NaN, and a check reading that column is undecided)."""
+    delta = _delta(frame, "logp")
+    out = _mean(delta, [frame["step"], frame["type"]]).unstack("type")
     out.columns.name = None
+    bad = {t: _nonfinite(v) for t, v in delta.groupby(frame["type"])}
     chosen = frame[frame["type"] == "chosen"]
     if "argmax_logp" in frame and not chosen.empty:
-        out["argmax"] = _delta(chosen, "argmax_logp").groupby(chosen["step"]).mean()
+        argmax = _delta(chosen, "argmax_logp")
+        out["argmax"], bad["argmax"] = _mean(argmax, chosen["step"]), _nonfinite(argmax)
     for metric in ("energy", "p_e", "max_prob"):
         if metric in frame and not chosen.empty:
-            out[f"chosen_{metric}"] = chosen.groupby("step")[metric].mean()
+            out[f"chosen_{metric}"] = _mean(chosen[metric], chosen["step"])
+            bad[f"chosen_{metric}"] = _nonfinite(chosen[metric])
     if "a_norm" in frame:
         for ptype, values in frame.groupby("type")["a_norm"]:
-            out[f"{ptype}_a_norm"] = values.groupby(frame["step"]).mean()
+            out[f"{ptype}_a_norm"], bad[f"{ptype}_a_norm"] = _mean(values, frame["step"]), _nonfinite(values)
     for ptype in ("rejected", "chosen"):
         if (frame["type"] == ptype).any():
-            out[f"{ptype}_logp"] = frame[frame["type"] == ptype].groupby("step")["logp"].mean()
-    return out.sort_index()
+            values = frame[frame["type"] == ptype]["logp"]
+            out[f"{ptype}_logp"], bad[f"{ptype}_logp"] = _mean(values, frame["step"]), _nonfinite(values)
+    out = out.sort_index()
+    out.attrs["nonfinite"] = {column: n for column, n in bad.items() if n}
+    return out
 
 
-def mean_curves(run_dir: str | os.PathLike, split: str = "train") -> pd.DataFrame:
+def signature_curves(run_dir: str | os.PathLike, split: str = "train") -> pd.DataFrame:
     """A run's mean curves over the probe rows of ``split``, indexed by step (every evaluation).
 
     Columns: each probe type (mean Δlog π since the first evaluation, per row, then averaged); ``argmax`` (the
     same for the teacher-forced argmax response y* along y⁺, ``argmax_logp`` of the chosen rows);
     ``chosen_energy``, ``chosen_p_e``, ``chosen_max_prob``; ``{type}_a_norm`` for every type (so ``chosen_a_norm``
     too); ``rejected_logp`` and ``chosen_logp`` (mean log π itself). A column whose type or metric the trajectory
-    lacks is left out. Raises InputError when the run has no probe rows of ``split``.
+    lacks is left out; a mean over a NaN or ±inf value is NaN (``attrs["nonfinite"]`` counts them per column).
+    Raises InputError when the run has no probe rows of ``split``.
     """
     return _curves(_split_frame(run_dir, split))
 
@@ -271,17 +359,45 @@ def _missing(curves: pd.DataFrame, columns: Iterable[str]) -> list[str]:
 
 def _need(check: int, role: str, curves: dict[str, pd.DataFrame], columns: Sequence[str],
           min_evals: int = 2) -> Signature | None:
-    """The undecided Signature if ``role`` is missing, lacks a column, or has too few evaluations; else None."""
+    """The undecided Signature if ``role`` is missing, has a NaN or ±inf value in a column's rows, lacks a column,
+    has no evaluation at step 0 or too few evaluations; else None."""
     if role not in curves:
         return _sig(check, (), None, {}, f"needs the {role!r} run (see run_roles); none among these runs")
     c = curves[role]
+    if bad := {col: n for col in columns if (n := c.attrs.get("nonfinite", {}).get(col, 0))}:
+        return _sig(check, (role,), None, {f"non-finite {col}": n for col, n in bad.items()},
+                    f"the {role} run has NaN or ±inf values in its {', '.join(bad)} rows: their mean is undefined, "
+                    "so the check is undecided (never averaged without them)")
     if missing := _missing(c, columns):
         return _sig(check, (role,), None, {}, f"the {role} run has no {', '.join(missing)} (type or metric "
                                               "missing from its trajectory)")
+    if len(c.index) and c.index.min() != 0:
+        return _sig(check, (role,), None, {}, f"the {role} run's trajectory starts at step {c.index.min()}, not 0 "
+                                              "(started from a checkpoint, or its first files lost): a change from its "
+                                              "first evaluation is not the change since the start")
     if len(c.index) < min_evals:
         return _sig(check, (role,), None, {}, f"needs at least {min_evals} evaluations, the {role} run has "
                                               f"{len(c.index)}")
     return None
+
+
+def _bad(curves: pd.DataFrame, column: str) -> int:
+    """How many NaN or ±inf values the means of ``column`` read (see :func:`_curves`)."""
+    return curves.attrs.get("nonfinite", {}).get(column, 0)
+
+
+def _a_norm_part(c: pd.DataFrame) -> tuple[str, bool | None, dict]:
+    """Checks 5 and 11's "every type's mean a_norm rises": the part's name, its value and numbers. A type whose
+    a_norm rows hold a NaN or ±inf leaves it undecided (named), unless another type's a_norm fails it."""
+    columns = [col for col in c.columns if col.endswith("_a_norm")]
+    bad = [col.removesuffix("_a_norm") for col in columns if _bad(c, col)]
+    a_norm = {col.removesuffix("_a_norm"): _first_last(c[col]) for col in columns
+              if not _bad(c, col) and c[col].notna().any()}
+    flat = [t for t, (a, b) in a_norm.items() if not b > a]
+    name = ("every a_norm rises" + (f" (not: {', '.join(flat)})" if flat else "")
+            + (f" (NaN or ±inf: {', '.join(bad)})" if bad else "") + ("" if a_norm or bad else " (no a_norm column)"))
+    value = False if flat else None if bad or not a_norm else True
+    return name, value, {f"Δ a_norm {t}": b - a for t, (a, b) in a_norm.items()}
 
 
 def _first_last(series: pd.Series) -> tuple[float, float]:
@@ -307,22 +423,29 @@ def _check_5(curves) -> Signature:
     c = curves["sft"]
     argmax = _first_last(c["argmax"])[1]
     energy, p_e = _first_last(c["chosen_energy"]), _first_last(c["chosen_p_e"])
-    a_norm = {col.removesuffix("_a_norm"): _first_last(c[col]) for col in c.columns if col.endswith("_a_norm")
-              if c[col].notna().any()}
-    not_rising = [t for t, (a, b) in a_norm.items() if not b > a]
+    a_name, a_value, a_numbers = _a_norm_part(c)
     numbers = {"Δ argmax": argmax, "energy start": energy[0], "energy end": energy[1], "p_e start": p_e[0],
-               "p_e end": p_e[1], **{f"Δ a_norm {t}": b - a for t, (a, b) in a_norm.items()}}
+               "p_e end": p_e[1], **a_numbers}
     parts = {"argmax rises": argmax > 0, "energy falls": energy[1] < energy[0], "p_e falls": p_e[1] < p_e[0],
-             "every a_norm rises" + (f" (not: {', '.join(not_rising)})" if not_rising else ""):
-                 None if not a_norm else not not_rising}
+             a_name: a_value}
     return _sig(5, ("sft",), parts, numbers,
                 "rule: mean Δ argmax (chosen's argmax_logp) > 0 at the last eval, chosen's mean energy and p_e lower "
-                "than at the first eval, every type's mean a_norm higher" + ("" if a_norm else " (no a_norm column)"))
+                "than at the first eval, every type's mean a_norm higher"
+                + ("" if a_numbers else " (no a_norm column)"))
 
 
-def _check_6(curves) -> Signature:
+def _check_6(curves, roles: dict[str, Path]) -> Signature:
     if undecided := _need(6, "sft", curves, ["irr_train", "irr_test"]):
         return undecided
+    data = _config(roles["sft"]).get("data")
+    data = data.get("init_args") if isinstance(data, dict) and isinstance(data.get("init_args"), dict) else {}
+    source = data.get("source", "synthetic")  # ProbeDataModule's default
+    if data.get("rebuild_irr_train") is not True and source != "synthetic":
+        return _sig(6, ("sft",), None, {},
+                    f"irr_train responses taken from the data (source {source!r}, data.init_args.rebuild_irr_train "
+                    "not true): trained on only if they are training rows' chosen responses, which the run does not "
+                    "record; decided only with rebuild_irr_train: true or the synthetic source (both build irr_train "
+                    "from the training rows)")
     last = curves["sft"].iloc[-1]
     return _sig(6, ("sft",), last["irr_train"] > last["irr_test"],
                 {"Δ irr_train": last["irr_train"], "Δ irr_test": last["irr_test"]},
@@ -333,9 +456,10 @@ def _check_6(curves) -> Signature:
 def _check_7(curves) -> Signature:
     if undecided := _need(7, "sft", curves, ["chosen"]):
         return undecided
-    last = curves["sft"].iloc[-1]
+    c = curves["sft"]
+    last = c.iloc[-1]
     present = [t for t in ("random_permute", "random_nonhum") if t in last and not pd.isna(last[t])]
-    parts = {f"{t} below chosen" + ("" if t in present else f" (no {t})"):
+    parts = {f"{t} below chosen" + ("" if t in present else f" (NaN or ±inf in {t})" if _bad(c, t) else f" (no {t})"):
              last[t] < last["chosen"] if t in present else None for t in ("random_permute", "random_nonhum")}
     return _sig(7, ("sft",), parts, {"Δ chosen": last["chosen"], **{f"Δ {t}": last[t] for t in present}},
                 "rule: mean Δ random_permute and mean Δ random_nonhum each < mean Δ chosen at the last eval")
@@ -393,35 +517,41 @@ def _check_11(curves) -> Signature:
     if undecided := _need(11, "dpo", curves, ["argmax"]):
         return undecided
     c = curves["dpo"]
-    types = [col for col in c.columns if col not in DERIVED and not col.endswith("_a_norm")]
-    others = {t: _first_last(c[t])[1] for t in types if t != "chosen" and c[t].notna().any()}
-    a_norm = {col.removesuffix("_a_norm"): _first_last(c[col]) for col in c.columns if col.endswith("_a_norm")
-              if c[col].notna().any()}
+    types = [col for col in c.columns if col not in DERIVED and not col.endswith("_a_norm") and col != "chosen"]
+    bad = [t for t in types if _bad(c, t)]
+    others = {t: _first_last(c[t])[1] for t in types if t not in bad and c[t].notna().any()}
     argmax = _first_last(c["argmax"])[1]
     rising = [t for t, v in others.items() if not v < 0]
-    flat_a = [t for t, (a, b) in a_norm.items() if not b > a]
+    a_name, a_value, a_numbers = _a_norm_part(c)
+    others_name = ("every other type falls" + (f" (not: {', '.join(rising)})" if rising else "")
+                   + (f" (NaN or ±inf: {', '.join(bad)})" if bad else "")
+                   + ("" if others or bad else " (no other type)"))
     parts = {"argmax rises": argmax > 0,
-             "every other type falls" + (f" (not: {', '.join(rising)})" if rising else "" if others else
-                                         " (no other type)"): not rising if others else None,
-             "every a_norm rises" + (f" (not: {', '.join(flat_a)})" if flat_a else "" if a_norm else
-                                     " (no a_norm column)"): not flat_a if a_norm else None}
+             others_name: False if rising else None if bad or not others else True, a_name: a_value}
     detail = (f"rule: mean Δ argmax > 0 at the last eval; mean Δ < 0 there for every type but chosen "
               f"({', '.join(others) or 'none present'}); every type's mean a_norm higher than at the first eval")
-    return _sig(11, ("dpo",), parts,
-                {"Δ argmax": argmax, **{f"Δ {t}": v for t, v in others.items()},
-                 **{f"Δ a_norm {t}": b - a for t, (a, b) in a_norm.items()}}, detail)
+    return _sig(11, ("dpo",), parts, {"Δ argmax": argmax, **{f"Δ {t}": v for t, v in others.items()}, **a_numbers},
+                detail)
 
 
 def _check_12(role: str, frame: pd.DataFrame) -> Signature:
     if "argmax_logp" not in frame or not (frame["type"] == "chosen").any():
         return _sig(12, (role,), None, {}, "needs the chosen rows' argmax_logp and logp in the trajectory")
-    rows = frame[["argmax_logp", "logp"]].dropna()
+    values = frame[["argmax_logp", "logp"]].astype(float)
+    finite = np.isfinite(values).all(axis=1)
+    nonfinite, rows = int((~finite).sum()), values[finite]
+    rule = (f"rule: argmax_logp ≥ logp − ({SANITY_ATOL:g} + {SANITY_RTOL:g}·|logp|) on every row (every type, every "
+            "eval) of the split, both finite; both are float32 sums over the same tokens")
+    if values.empty:
+        return _sig(12, (role,), None, {"rows": 0}, "no probe rows to check; " + rule)
     gap = rows["argmax_logp"] - rows["logp"]
     tol = SANITY_ATOL + SANITY_RTOL * rows["logp"].abs()
     bad = int((gap < -tol).sum())
-    return _sig(12, (role,), bad == 0, {"rows": len(rows), "violations": bad, "min argmax − logp": gap.min()},
-                f"rule: argmax_logp ≥ logp − ({SANITY_ATOL:g} + {SANITY_RTOL:g}·|logp|) on every row (every type, "
-                "every eval) of the split; both are float32 sums over the same tokens")
+    numbers = {"rows": len(values), "violations": bad, "non-finite": nonfinite}
+    if not rows.empty:
+        numbers["min argmax − logp"] = gap.min()
+    return _sig(12, (role,), bad == 0 and nonfinite == 0, numbers,
+                rule + (f"; {nonfinite} rows with a NaN or ±inf argmax_logp or logp" if nonfinite else ""))
 
 
 def _vocab_size(run_dir: Path) -> tuple[int | None, str]:
@@ -447,12 +577,19 @@ def _check_16(role: str, run_dir: Path, frame: pd.DataFrame) -> Signature:
     numbers, parts = {}, {}
 
     def within(column: str, low: float, high: float, name: str) -> None:
-        if column not in frame or frame[column].isna().all():
+        if column not in frame:
             parts[f"{name} (no {column} column)"] = None
             return
-        values = frame[column].dropna()
-        numbers[f"{column} min"], numbers[f"{column} max"] = values.min(), values.max()
-        parts[name] = values.min() >= low and values.max() <= high
+        values = frame[column].astype(float)
+        finite = values[np.isfinite(values)]
+        if nonfinite := len(values) - len(finite):
+            numbers[f"{column} non-finite"] = nonfinite
+            name += f" ({nonfinite} NaN or ±inf)"
+        if finite.empty:
+            parts[name] = False if nonfinite else None
+            return
+        numbers[f"{column} min"], numbers[f"{column} max"] = finite.min(), finite.max()
+        parts[name] = not nonfinite and finite.min() >= low and finite.max() <= high
 
     within("energy", -UNIT_ATOL, 1 + UNIT_ATOL, "energy in [0, 1]")
     within("p_e", -UNIT_ATOL, math.sqrt(2) * (1 + UNIT_RTOL), "p_e in [0, √2]")
@@ -465,19 +602,23 @@ def _check_16(role: str, run_dir: Path, frame: pd.DataFrame) -> Signature:
         low, high = math.sqrt(vocab - 1), math.sqrt(2 * vocab - 2)
         within("a_norm", low * (1 - UNIT_RTOL), high * (1 + UNIT_RTOL), f"a_norm in [{low:.6g}, {high:.6g}]")
     return _sig(16, (role,), parts, numbers,
-                f"rule: every row (every type, every eval) of the split within the ranges, relative tolerance "
-                f"{UNIT_RTOL:g} for float32" + (f"; V from {source}" if source else ""))
+                f"rule: every row (every type, every eval) of the split finite and within the ranges, relative "
+                f"tolerance {UNIT_RTOL:g} for float32" + (f"; V from {source}" if source else ""))
+
+
+def probe_texts(run: str | os.PathLike, split: str) -> list[dict] | None:
+    """The probe rows a run scored (``probes/probe_{split}.jsonl``), None if the file is missing or unreadable."""
+    path = Path(run) / "probes" / f"probe_{split}.jsonl"
+    try:
+        return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    except (OSError, ValueError):
+        return None
 
 
 def _same_probe_texts(split: str, *runs: Path) -> bool | None:
     """Whether the runs scored the same probe texts (probes/probe_{split}.jsonl); None when a file is missing."""
-    texts = []
-    for run in runs:
-        path = run / "probes" / f"probe_{split}.jsonl"
-        if not path.is_file():
-            return None
-        texts.append(path.read_bytes())
-    return all(t == texts[0] for t in texts)
+    texts = [probe_texts(run, split) for run in runs]
+    return None if any(t is None for t in texts) else all(t == texts[0] for t in texts)
 
 
 def _check_13(roles: dict[str, Path], frames: dict[str, pd.DataFrame], split: str) -> Signature:
@@ -486,6 +627,10 @@ def _check_13(roles: dict[str, Path], frames: dict[str, pd.DataFrame], split: st
             return _sig(13, (), None, {}, f"needs the {role!r} run (see run_roles); none among these runs")
         if not (frames[role]["type"] == "rejected").any():
             return _sig(13, (role,), None, {}, f"the {role} run has no rejected rows")
+        if n := _nonfinite(frames[role][frames[role]["type"] == "rejected"]["logp"]):
+            return _sig(13, (role,), None, {f"non-finite {role} rejected logp": n},
+                        f"the {role} run has NaN or ±inf log π(rejected) values: undecided (never averaged without "
+                        "them)")
     if _same_probe_texts(split, roles["sft"], roles["extend"]) is False:
         return _sig(13, ("sft", "extend"), None, {}, f"the two runs scored different probe texts (probe_{split}.jsonl)")
     at = {}
@@ -531,7 +676,7 @@ def check_signatures(run_dirs: Sequence[str | os.PathLike], split: str = "train"
     roles = run_roles(run_dirs)
     frames = {role: _split_frame(path, split) for role, path in roles.items()}
     curves = {role: _curves(frame) for role, frame in frames.items()}
-    out = [_check_4(curves), _check_5(curves), _check_6(curves), _check_7(curves), _check_8(curves),
+    out = [_check_4(curves), _check_5(curves), _check_6(curves, roles), _check_7(curves), _check_8(curves),
            _check_9(curves), _check_10(curves), _check_11(curves)]
     out += [_check_12(role, frame) for role, frame in frames.items()]
     out += [_check_13(roles, frames, split), _check_14(curves),
@@ -545,15 +690,30 @@ def _cell(text: str) -> str:
     return str(text).replace("|", "\\|").replace("\n", " ")
 
 
+def result_word(signature: Signature) -> str:
+    """A result in words, the one wording of :func:`signature_table` and ``dynlab report``: the invariants (12, 16)
+    "pass" or "FAIL" (a failure is a bug or a NaN); the paper's signatures "shown" or "not shown (at this scale)";
+    an undecided check "undecided"."""
+    if signature.passed is None:
+        return "undecided"
+    if signature.id in INVARIANTS:
+        return "pass" if signature.passed else "FAIL"
+    return "shown" if signature.passed else "not shown (at this scale)"
+
+
+def format_numbers(numbers: dict[str, float]) -> list[str]:
+    """A Signature's numbers as ``name = value`` (up to 6 significant digits; they are rounded to 5)."""
+    return [f"{k} = {v:g}" for k, v in numbers.items()]
+
+
 def signature_table(signatures: Sequence[Signature]) -> str:
     """A markdown table (§, claim, runs, result, numbers, reference), then a note for each failed or undecided
     check saying how it was decided or why it could not be."""
-    result = {True: "pass", False: "**FAIL**", None: "undecided"}
     lines = ["| § | claim | runs | result | numbers | reference |", "|---|---|---|---|---|---|"]
     for s in signatures:
-        numbers = ", ".join(f"{k} {v:g}" for k, v in s.numbers.items())
-        lines.append("| " + " | ".join(_cell(x) for x in (s.id, s.claim, ", ".join(s.runs) or "–", result[s.passed],
+        numbers = ", ".join(format_numbers(s.numbers))
+        lines.append("| " + " | ".join(_cell(x) for x in (s.id, s.claim, ", ".join(s.runs) or "–", result_word(s),
                                                             numbers or "–", s.reference or "–")) + " |")
-    notes = [f"- §{s.id} ({', '.join(s.runs) or 'no run'}), {result[s.passed]}: {s.detail}"
+    notes = [f"- §{s.id} ({', '.join(s.runs) or 'no run'}), {result_word(s)}: {s.detail}"
              for s in signatures if s.passed is not True and s.detail]
     return "\n".join(lines + ([""] + notes if notes else []))
