@@ -120,13 +120,13 @@ def stage_runs(out: str | os.PathLike) -> dict[str, Path]:
 
 
 def fingerprint(files: Sequence[str | os.PathLike]) -> str:
-    """What a stage's results depend on besides its arguments: the contents of its config files and, for a data
+    """What a stage's results depend on besides its arguments: the values in its config files and, for a data
     file, its size and modification time (hashing a large file on every rerun would cost more than it saves)."""
     digest = hashlib.sha1()
     for file in files:
         path = Path(file)
-        if path.suffix in (".yaml", ".yml"):
-            digest.update(path.read_bytes())
+        if path.suffix in (".yaml", ".yml"):  # the values, not the comments
+            digest.update(json.dumps(_read_yaml(path), sort_keys=True, default=str).encode())
         elif path.is_file():
             stat = path.stat()
             digest.update(f"{path}:{stat.st_size}:{stat.st_mtime_ns}".encode())

@@ -105,6 +105,7 @@ def test_a_stage_run_again_runs_the_dpo_started_from_it_again(reproduced, hh_sli
     assert (runs["dpo_extend"] / "export" / "config.json").stat().st_mtime_ns != before
 
 
+@pytest.mark.slow  # another four tiny stages
 def test_a_changed_recipe_is_refused(reproduced, hh_slice, tmp_path):
     cwd, out, _ = reproduced
     proc = reproduce(cwd, hh_slice, "--", "--seed_everything=1")  # other arguments
@@ -128,6 +129,7 @@ def test_runs_without_a_recipe_are_refused(reproduced, hh_slice, tmp_path):
     assert proc.returncode == 2 and "recipe.json" in proc.stderr and "--fresh" in proc.stderr
 
 
+@pytest.mark.slow  # another four tiny stages
 def test_sft_only_flat_rows(hh_slice, tmp_path):
     # any preference file dynlab reads: flat {prompt, chosen, rejected} rows, none of the paper's probe types
     flat = tmp_path / "flat.jsonl"
@@ -138,6 +140,7 @@ def test_sft_only_flat_rows(hh_slice, tmp_path):
     assert all((run / "export").is_dir() for run in stage_runs(tmp_path / "out").values())
 
 
+@pytest.mark.slow  # another four tiny stages
 def test_sigterm_is_passed_on_and_the_rerun_resumes(hh_slice, tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     args = [sys.executable, "-m", "dynlab.cli", "reproduce", "--data", str(hh_slice), "--out", "out", *TINY,

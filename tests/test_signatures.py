@@ -3,9 +3,9 @@
 the same off-policy DPO from each export), decided by ``dynlab.evaluation.signatures`` — the function behind the
 report and ``make reproduce``'s table, so what CI asserts is what a researcher reads.
 
-``SHOWN`` are the signatures the full recipe (``make reproduce``) shows on these rows; the README's table gives
-both sizes' numbers. A signature the recipe does not show at CPU scale is reported "not shown at this scale" with its
-numbers, and is not asserted here — never loosened until it cannot fail.
+``SHOWN`` are the signatures the full recipe (``make reproduce``) and this size both show on these rows. A signature
+the recipe does not show at CPU scale is reported "not shown (at this scale)" with its numbers, and is not asserted
+here — never loosened until it cannot fail.
 """
 
 from __future__ import annotations
@@ -20,10 +20,13 @@ from tests.conftest import CONFIGS, SHARED_PROBE_FILE, run_dynlab
 
 pytestmark = pytest.mark.slow
 
-# decided on probe_train (prompts trained on) and probe_test (held-out prompts)
+# decided on probe_train (prompts trained on) and probe_test (held-out prompts); the README's table gives the numbers
+# of both sizes. Not asserted: §14 on probe_train and §4, §6, §8, §9 on probe_test (not shown by the full recipe
+# either), and §10 on probe_train, which the full recipe shows (Δ chosen −5.2) but the quick size only by 0.4 nats
+# (−29 at step 10, −0.4 at step 20: DPO at twice the rate is noisy), a margin a CPU's float rounding could flip.
 SHOWN = {
-    "train": {4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 16},
-    "test": {4, 9, 10, 12, 16},
+    "train": {4, 5, 6, 7, 8, 9, 11, 12, 13, 16},
+    "test": {5, 7, 10, 11, 12, 13, 14, 16},
 }
 
 
