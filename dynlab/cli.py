@@ -484,7 +484,7 @@ OVERVIEW = {
     "test": "the same evaluation through Lightning's test loop",
     "plot": "paper-style PNG figures from one or more runs' probe trajectories",
     "report": "one self-contained HTML page: signatures, figures, curves, configs, probe examples",
-    "reproduce": "the paper's picture on real data: SFT/ExtendSFT -> DPO, signatures checked, report (make reproduce)",
+    "reproduce": "the paper's picture on real data: SFT and ExtendSFT, DPO from each, signatures, report",
     "probe": "build a probe set in the paper's jsonl format (probe build ...)",
     "sweep": "run a W&B sweep YAML locally, one dynlab fit per trial, with a summary table",
     "slurm": "write (and --submit) an sbatch script running dynlab fit or sweep on N nodes",
