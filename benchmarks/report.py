@@ -134,8 +134,43 @@ def before_after(r: dict) -> list[str]:
     return out
 
 
+def lora(r: dict) -> list[str]:
+    s = r["settings"]
+    out = ["## LoRA DPO (dynlab LoRA vs full-weight DPO vs TRL DPOTrainer + peft)", "", machine_line(r["machine"]), "",
+           f"LoRA r {s['r']}, alpha {s['alpha']:g}, dropout {s['lora_dropout']:g}, target_modules "
+           f"{s['target_modules']} in both dynlab and TRL; batches of {s['pairs']} DPO pairs of at most "
+           f"{s['max_length']} tokens; {s['rounds']} rounds x {s['steps']} timed steps per system after "
+           f"{s['warmup']} warm-up step(s), each (system, round) in a fresh process. Memory: {s['memory']}. "
+           f"Targets: dynlab LoRA / TRL+peft tokens/s >= 1.5; dynlab LoRA / full DPO peak memory <= 0.6.", "",
+           "| model | system | trainable params | step s | tokens/s | RSS after load MiB | peak RSS MiB | "
+           "training adds MiB | first loss |", "|---|---|---|---|---|---|---|---|---|"]
+    for key, run in r["runs"].items():
+        for name, sysr in run["systems"].items():
+            gpu = f" (GPU {mmm(sysr['cuda_peak_mb'], '{:.0f}')})" if "cuda_peak_mb" in sysr else ""
+            out.append(f"| {key} ({run['parameters'] / 1e6:.1f}M) | {name} | {sysr['trainable_parameters']:,} | "
+                       f"{mmm(sysr['step_seconds'])} | {mmm(sysr['tokens_per_second'], '{:.0f}')} | "
+                       f"{mmm(sysr['rss_after_load_mb'], '{:.0f}')} | {mmm(sysr['peak_rss_mb'], '{:.0f}')}{gpu} | "
+                       f"{mmm(sysr['training_adds_rss_mb'], '{:.0f}')} | {run['first_step_loss'][name]:.6g} |")
+    for key, run in r["runs"].items():
+        inits = {name: sysr["lora_init"] for name, sysr in run["systems"].items() if sysr["lora_init"]["matrices"]}
+        if len(inits) == 2:
+            a, b = inits.values()
+            out += ["", f"{key}: the LoRA A matrices at init are {'identical' if a == b else '**different**'} in "
+                        f"{' and '.join(inits)} ({a['matrices']} matrices, sum {a['sum']:.8g} / {b['sum']:.8g})."]
+    out += ["", "| model | figure | value | target |", "|---|---|---|---|"]
+    for key, run in r["runs"].items():
+        for field, what in (("lora_over_trl_tokens_per_second", "dynlab LoRA / TRL+peft, tokens/s"),
+                            ("lora_over_full_peak_memory", f"dynlab LoRA / full DPO, peak memory "
+                                                           f"({run['memory_target_reads']})"),
+                            ("lora_over_full_step_seconds", "dynlab LoRA / full DPO, step time (context)")):
+            if field in run:
+                q = run[field]
+                out.append(f"| {key} | {what} | {mmm(q, '{:.2f}')} | {ok(q) if 'pass' in q else ''} |")
+    return out
+
+
 RENDERERS = {"train_throughput": throughput, "probe_overhead": overhead, "probe_vs_paper": versus_paper,
-             "scaling": scaling, "before_after": before_after}
+             "scaling": scaling, "lora": lora, "before_after": before_after}
 
 
 def render(results: Path) -> str:
@@ -147,7 +182,7 @@ def render(results: Path) -> str:
         path = results / f"{name}.json"
         if path.is_file():
             found[name] = json.loads(path.read_text())
-    for name in ("train_throughput", "probe_overhead", "probe_vs_paper", "scaling", "before_after"):
+    for name in ("train_throughput", "probe_overhead", "probe_vs_paper", "scaling", "lora", "before_after"):
         if name in found:
             lines += RENDERERS[name](found[name]) + [""]
     notes = results / "NOTES.md"  # the hand-written reading of the figures

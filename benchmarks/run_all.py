@@ -19,7 +19,7 @@ from collections.abc import Sequence
 from benchmarks import report
 from benchmarks.common import RESULTS
 
-BENCHMARKS = ("train_throughput", "probe_vs_paper", "probe_overhead", "scaling")
+BENCHMARKS = ("train_throughput", "probe_vs_paper", "probe_overhead", "scaling", "lora")
 OPTIONAL = ("before_after",)
 
 

@@ -6,6 +6,8 @@ off-policy DPO from each stage-1 export. Then the §9 signatures of the four run
 one HTML report (``dynlab report``) and the wall time split into training, probe evaluation, export and report.
 
     dynlab reproduce [--data FILE] [--out runs/reproduce] [--sizes DIR] [--config OVERLAY ...] [-- EXTRA FIT ARGS]
+    dynlab reproduce --stages sft,dpo   (only SFT -> DPO: a stage runs with the stage it starts from)
+    dynlab reproduce --config configs/lora.yaml --lr-scale 10   (LoRA, every stage's learning rate x 10)
     dynlab reproduce --scale paper      (configs/paper/: Pythia-410M on 5,000 HH pairs, on a GPU with the hub)
 
 Each stage runs in a fixed run directory under ``--out``: rerunning the same command reuses finished stages and
@@ -88,12 +90,19 @@ def _read_yaml(path: Path) -> dict | None:
 
 
 def stage_command(stage: Stage, configs: Path, scale: str, data: str | None, out: Path, overlays: Sequence[str],
-                  extra: Sequence[str], sizes: Path | None = None) -> list[str]:
-    """The ``dynlab fit`` arguments of one stage (without the interpreter and without ``--ckpt_path``)."""
+                  extra: Sequence[str], sizes: Path | None = None, lr_scale: float | None = None) -> list[str]:
+    """The ``dynlab fit`` arguments of one stage (without the interpreter and without ``--ckpt_path``);
+    ``lr_scale`` multiplies the learning rate its configs end with (extra arguments still override it)."""
     stacked = [*map(str, stage_configs(stage, configs, scale, sizes)), *overlays]
     args = ["fit"]
     for config in stacked:
         args += ["--config", config]
+    if lr_scale is not None:
+        lr = stacked_lr(stacked)
+        if lr is None:
+            raise InputError(f"stage {stage.name}: its configs set no model.init_args.optimizer.init_args.lr to "
+                             "scale", field="--lr-scale")
+        args.append(f"--model.init_args.optimizer.init_args.lr={lr * lr_scale:.6g}")
     if data is not None:
         args.append(f"--data.init_args.source={data}")
     args.append(f"--trainer.default_root_dir={out}")
@@ -114,9 +123,44 @@ def stage_runs(out: str | os.PathLike) -> dict[str, Path]:
     path = Path(out) / RECIPE_FILE
     try:
         recipe = json.loads(path.read_text(encoding="utf-8"))
-        return {s.name: Path(out) / recipe[s.name]["run"] for s in STAGES}
+        runs = {s.name: Path(out) / recipe[s.name]["run"] for s in STAGES if s.name in recipe}
+        if not runs:
+            raise KeyError("no stage")
+        return runs
     except (OSError, ValueError, KeyError, TypeError) as err:
         raise InputError(f"not a dynlab reproduce directory ({type(err).__name__})", file=str(path)) from None
+
+
+def select_stages(names: str | None) -> tuple[Stage, ...]:
+    """The stages ``--stages`` names (comma-separated, any order), in recipe order; every stage needs the stage it
+    starts from. None: all four."""
+    if names is None:
+        return STAGES
+    known = {s.name: s for s in STAGES}
+    wanted = [n.strip() for n in names.split(",") if n.strip()]
+    unknown = [n for n in wanted if n not in known]
+    if unknown or not wanted:
+        raise InputError(f"unknown stage {unknown[0] if unknown else names!r}: expected some of "
+                         f"{', '.join(known)}", field="--stages")
+    for name in wanted:
+        if (parent := known[name].parent) is not None and parent not in wanted:
+            raise InputError(f"stage {name} starts from stage {parent}'s export: add {parent}", field="--stages")
+    return tuple(s for s in STAGES if s.name in wanted)
+
+
+LR_KEYS = ("model", "init_args", "optimizer", "init_args", "lr")
+
+
+def stacked_lr(configs: Sequence[str | os.PathLike]) -> float | None:
+    """The optimizer learning rate the stacked configs end with (``model.init_args.optimizer.init_args.lr``)."""
+    lr = None
+    for config in configs:
+        value: object = _read_yaml(Path(config)) or {}
+        for key in LR_KEYS:
+            value = value.get(key) if isinstance(value, dict) else None
+        if value is not None:
+            lr = float(value)
+    return lr
 
 
 def fingerprint(files: Sequence[str | os.PathLike]) -> str:
@@ -200,32 +244,39 @@ def run_stage(stage: Stage, args: list[str], run_dir: Path, env: dict[str, str])
 def check_recipe(out: Path, recipe: dict[str, dict], fresh: bool) -> None:
     """Refuse to mix runs of two recipes: each stage's arguments and fingerprint are kept in ``OUT/recipe.json``; a
     stage whose recipe changed is refused while its run exists. Runs with no ``recipe.json`` beside them are refused
-    too (nothing says which recipe made them)."""
+    too (nothing says which recipe made them). Stages not in ``recipe`` (``--stages``) keep their entries; ``fresh``
+    deletes the runs of the stages in ``recipe`` and of the DPO stages started from them."""
     path = out / RECIPE_FILE
-    runs = [out / r["run"] for r in recipe.values()]
+    before: dict = {}
+    if path.is_file():
+        try:
+            before = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            if not fresh:
+                raise InputError("unreadable: rerun with --fresh, or choose another --out", file=str(path)) from None
     if fresh:
+        doomed = set(recipe) | {s.name for s in STAGES if s.parent in recipe}
+        runs = [out / r["run"] for name, r in {**before, **recipe}.items() if name in doomed and "run" in r]
         for run in runs:
             refuse_if_live(run)
         for run in runs:
             shutil.rmtree(run, ignore_errors=True)
-        for name in (RECIPE_FILE, "timing.json", "report.html"):
+        before = {name: r for name, r in before.items() if name not in doomed}
+        for name in ("timing.json", "report.html"):
             (out / name).unlink(missing_ok=True)
     elif path.is_file():
-        try:
-            before = json.loads(path.read_text(encoding="utf-8"))
-        except (OSError, ValueError):
-            raise InputError("unreadable: rerun with --fresh, or choose another --out", file=str(path)) from None
         changed = [name for name, r in recipe.items() if (out / r["run"]).exists() and before.get(name) != r]
         if changed:
             raise InputError(f"the recipe of stage(s) {', '.join(changed)} (arguments, config files or data) differs "
                              f"from the runs already in {out}: rerun with --fresh, or choose another --out",
                              file=str(path))
-    elif existing := [str(run) for run in runs if run.exists()]:
+    elif existing := [str(out / r["run"]) for r in recipe.values() if (out / r["run"]).exists()]:
         raise InputError(f"{existing[0]} exists but {out} has no {RECIPE_FILE} saying which recipe made it: rerun "
                          "with --fresh, or choose another --out", file=str(path))
     out.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(recipe, indent=1) + "\n", encoding="utf-8")
+    kept = {s.name: before[s.name] for s in STAGES if s.name in before and s.name not in recipe}
+    tmp.write_text(json.dumps({**kept, **recipe}, indent=1) + "\n", encoding="utf-8")
     tmp.replace(path)
 
 
@@ -274,6 +325,10 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--config", action="append", default=[], dest="overlays",
                         help="a config stacked on every stage (repeatable)")
     parser.add_argument("--configs", default=str(REPO / "configs"), help="the directory of the shipped configs")
+    parser.add_argument("--stages", help="run only these stages (comma-separated: sft, extend, dpo, dpo_extend); a "
+                        "DPO stage needs the stage it starts from (default: all four)")
+    parser.add_argument("--lr-scale", type=float, help="multiply every stage's learning rate by this (LoRA usually "
+                        "wants about 10x full finetuning's: --config configs/lora.yaml --lr-scale 10)")
     parser.add_argument("--record", help="also write the timing split and the signature results to this JSON file "
                         "(make reproduce: benchmarks/results/reproduce.json)")
     parser.add_argument("--fresh", action="store_true", help="delete this recipe's runs in --out and start over")
@@ -287,10 +342,13 @@ def main(argv: Sequence[str] | None = None) -> None:
         if not Path(data).expanduser().exists():
             raise InputError("no such file (pass --data FILE, or DATA=FILE to make reproduce)", file=data)
         data = str(Path(data).expanduser().resolve())  # else a hub dataset id, for the stages to load
+    stages = select_stages(args.stages)
+    if args.lr_scale is not None and not 0 < args.lr_scale < float("inf"):
+        raise InputError(f"must be > 0, got {args.lr_scale}", field="--lr-scale")
     sizes = None if args.sizes is None else Path(args.sizes).expanduser().resolve()
     if sizes is not None and not sizes.is_dir():
         raise InputError("no such directory", file=args.sizes, field="--sizes")
-    for stage in STAGES:
+    for stage in stages:
         for config in stage_configs(stage, configs, args.scale, sizes):
             if not config.is_file():
                 raise InputError("missing config (pass --configs DIR, the repository's configs/)", file=str(config))
@@ -300,9 +358,9 @@ def main(argv: Sequence[str] | None = None) -> None:
             raise InputError("no such config", file=overlay)
 
     recipe = {}
-    for stage in STAGES:
+    for stage in stages:
         stacked = [*map(str, stage_configs(stage, configs, args.scale, sizes)), *overlays]
-        command = stage_command(stage, configs, args.scale, data, out, overlays, extra, sizes)
+        command = stage_command(stage, configs, args.scale, data, out, overlays, extra, sizes, args.lr_scale)
         recipe[stage.name] = {"run": str(run_of(stage, stacked)), "args": command,
                               "fingerprint": fingerprint([*stacked, *([data] if data else [])])}
     check_recipe(out, recipe, args.fresh)
@@ -311,7 +369,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     env = dict(os.environ)
     env.setdefault("WANDB_MODE", "disabled")  # four runs in one recipe: W&B only when asked for
     walls, ran = {}, set()
-    for stage in STAGES:
+    for stage in stages:
         if stage.parent in ran and runs[stage.name].exists():  # trained from an earlier export of its parent
             refuse_if_live(runs[stage.name])
             shutil.rmtree(runs[stage.name])

@@ -12,7 +12,7 @@ from tests.conftest import CONFIGS
 
 # overlays (tiny, strategies, the reproduce recipe's per-stage overlays) are parsed stacked, below
 STAGES = sorted(p for p in CONFIGS.rglob("*.yaml")
-                if p.name != "tiny.yaml" and not {"strategies", "reproduce"} & set(p.parts))
+                if p.name not in ("tiny.yaml", "lora.yaml") and not {"strategies", "reproduce"} & set(p.parts))
 
 
 def _print_config(capsys, *args: str) -> dict:

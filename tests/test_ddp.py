@@ -30,10 +30,13 @@ def metrics(run: Path) -> pd.DataFrame:
     return pd.DataFrame(rows).groupby("step").first()
 
 
-@pytest.mark.parametrize("stage", ["sft", "extend_sft", "dpo"])
-def test_two_ranks_match_one_process(stage, tmp_path):
-    one, t1 = fit(tmp_path / "one", stage, "--trainer.devices=1", "--data.init_args.batch_size=4")
-    two, t2 = fit(tmp_path / "two", stage, "--trainer.devices=2", "--trainer.strategy=ddp",
+@pytest.mark.parametrize(("stage", "lora"), [("sft", False), ("extend_sft", False), ("dpo", False), ("sft", True),
+                                             ("dpo", True)],
+                         ids=["sft", "extend_sft", "dpo", "sft-lora", "dpo-lora"])
+def test_two_ranks_match_one_process(stage, lora, tmp_path):
+    adapter = ("--config", str(CONFIGS / "lora.yaml")) if lora else ()
+    one, t1 = fit(tmp_path / "one", stage, *adapter, "--trainer.devices=1", "--data.init_args.batch_size=4")
+    two, t2 = fit(tmp_path / "two", stage, *adapter, "--trainer.devices=2", "--trainer.strategy=ddp",
                   "--data.init_args.batch_size=2")  # 2 ranks x 2 = the same global batch
     print(f"{stage}: 1 rank {t1:.1f}s, 2 ranks {t2:.1f}s")
     m1, m2 = metrics(one), metrics(two)
@@ -46,6 +49,7 @@ def test_two_ranks_match_one_process(stage, tmp_path):
     cols = [*KEY_COLUMNS, "logp", "dlogp", "argmax_logp", "entropy"]
     pd.testing.assert_frame_equal(t1_[cols], t2_[cols], rtol=1e-4, atol=1e-3)
     assert (two / "export" / "model.safetensors").is_file()
+    assert (two / "adapter" / "adapter_model.safetensors").is_file() == lora
     assert not (tmp_path / "two" / "runs" / stage / "version_1").exists()  # one run directory, not one per rank
 
 

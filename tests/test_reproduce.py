@@ -164,3 +164,29 @@ def test_missing_data_file_is_one_line(tmp_path):
     proc = run_dynlab("reproduce", "--data", str(tmp_path / "nope.jsonl"), "--out", "out", cwd=tmp_path, timeout=120)
     assert proc.returncode == 2 and "nope.jsonl" in proc.stderr and "Traceback" not in proc.stderr
     assert not (tmp_path / "out").exists()
+
+
+def test_stages_and_lr_scale_pick_and_scale(reproduced, hh_slice, tmp_path):
+    """``--stages sft,dpo`` runs SFT -> DPO alone (in a fresh --out); ``--lr-scale`` multiplies every stage's learning
+    rate; a stage without its parent and a bad scale are refused in one line."""
+    proc = reproduce(tmp_path, hh_slice, "--stages", "dpo,sft", "--lr-scale", "2")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    runs = stage_runs(tmp_path / "out")
+    assert list(runs) == ["sft", "dpo"]
+    for name, run in runs.items():
+        config = (run / "config.yaml").read_text(encoding="utf-8")
+        stacked = [CONFIGS / "sft.yaml", CONFIGS / "reproduce" / "sft.yaml", CONFIGS / "tiny.yaml"] if name == "sft" \
+            else [CONFIGS / "dpo.yaml", CONFIGS / "reproduce" / "dpo.yaml", CONFIGS / "tiny.yaml"]
+        from dynlab.reproduce import stacked_lr
+
+        assert f"lr: {2 * stacked_lr(stacked)}" in config, name
+    assert (tmp_path / "out" / "report.html").is_file() and "on probe_train" in proc.stdout
+    # the recorded stages are kept when another subset runs beside them
+    again = reproduce(tmp_path, hh_slice, "--stages", "sft", "--lr-scale", "2")
+    assert again.returncode == 0 and "sft already finished" in again.stderr
+    assert list(stage_runs(tmp_path / "out")) == ["sft", "dpo"]
+    for bad, message in ((("--stages", "dpo"), "starts from stage sft"), (("--stages", "sft,ppo"), "unknown stage"),
+                         (("--lr-scale", "0"), "--lr-scale")):
+        proc = reproduce(tmp_path, hh_slice, *bad, out="refused")
+        assert proc.returncode == 2 and message in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
+        assert not (tmp_path / "refused").exists()

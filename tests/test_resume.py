@@ -148,6 +148,21 @@ def test_a_run_stopped_at_a_checkpoint_resumes_bitwise(in_tmp, monkeypatch, unin
     assert not [w for w in caught if "dataloader is not resumable" in str(w.message)]  # it is, and Lightning knows
 
 
+def test_a_lora_run_stopped_at_a_checkpoint_resumes_bitwise(in_tmp, monkeypatch):
+    """A LoRA DPO run (configs/lora.yaml) stopped mid-epoch and resumed ends with the uninterrupted run's adapter,
+    merged export and rows, bit for bit."""
+    lora = [*EXACT, "--config", str(CONFIGS / "lora.yaml"), checkpoint_every(6)]
+    monkeypatch.setenv("DYNLAB_RUN_VERSION", "whole")
+    main(lora)
+    monkeypatch.setenv("DYNLAB_RUN_VERSION", "stopped")
+    main([*lora, "--trainer.max_steps=6"])
+    main([*lora, "--ckpt_path=last"])
+    stopped, whole = in_tmp / "runs" / "dpo" / "stopped", in_tmp / "runs" / "dpo" / "whole"
+    assert_same_run(stopped, whole)
+    a, b = (load_file(run / "adapter" / "adapter_model.safetensors") for run in (stopped, whole))
+    assert a.keys() == b.keys() and a and all(torch.equal(a[k], b[k]) for k in a)
+
+
 @pytest.mark.slow
 @RESUME_CASES
 def test_a_run_killed_after_a_checkpoint_resumes_bitwise(in_tmp, uninterrupted, every):

@@ -74,21 +74,35 @@ def load_tokenizer(spec: ModelSpec) -> PreTrainedTokenizerBase:
 def load_model(spec: ModelSpec, init_from: str | None = None) -> PreTrainedModel:
     """The causal LM for ``spec``; ``init_from`` replaces its weights with an earlier run's.
 
-    ``init_from`` is a Lightning ``.ckpt`` of a dynlab module (its ``policy.*`` weights are used) or a directory
-    written by ``save_pretrained`` (e.g. ``RUN_DIR/export``).
+    ``init_from`` is a Lightning ``.ckpt`` of a dynlab module (its ``policy.*`` weights are used; a LoRA run's are
+    merged), a directory written by ``save_pretrained`` (e.g. ``RUN_DIR/export``), or a peft adapter directory (e.g.
+    ``RUN_DIR/adapter``: merged into the base it records when that is an earlier run's output, else into the
+    base ``spec`` names). Whatever the source, the result is a plain model.
     """
-    state = None
+    from dynlab.models.adapter import is_adapter_dir, merge_adapter_dir, merge_lora_checkpoint, recorded_base
+
+    state = adapter = None
     if init_from is not None and not Path(init_from).is_dir():
         if not Path(init_from).is_file():
             raise InputError("no such checkpoint or export directory", file=init_from, field="model.init_from")
-        state = read_checkpoint(init_from, "model.init_from")["state_dict"]  # read first: a bad file fails fast
-    if init_from is not None and state is None:
+        ckpt = read_checkpoint(init_from, "model.init_from")  # read first: a bad file fails fast
+        state, adapter = ckpt["state_dict"], (ckpt.get("hyper_parameters") or {}).get("adapter")
+    if init_from is not None and is_adapter_dir(init_from):
+        base = recorded_base(init_from)
+        # an adapter trained on an earlier run's output (SFT-LoRA -> DPO-LoRA) applies to that output
+        chained = base is not None and base != spec.name_or_path and Path(base).exists() and (
+            is_adapter_dir(base) or (Path(base) / "config.json").is_file() or Path(base).is_file())
+        model = merge_adapter_dir(load_model(spec, base if chained else None), init_from, spec.name_or_path)
+    elif init_from is not None and state is None:
         model = _load_export(init_from, spec)
     elif spec.name_or_path == TINY:
         model = tiny_model(spec)
     else:
         model = _from_pretrained(AutoModelForCausalLM, resolve_dir(spec), spec)
-    if state is not None:
+    if state is not None and adapter is not None:
+        policy = {k.removeprefix("policy."): v for k, v in state.items() if k.startswith("policy.")}
+        model = merge_lora_checkpoint(model, policy, adapter, init_from)
+    elif state is not None:
         _load_policy_weights(model, state, init_from)
     _check_plain_logits(model)
     return model
@@ -115,7 +129,8 @@ def read_checkpoint(path: str, field: str, weights_only: bool = True, mmap: bool
 def _load_export(path: str, spec: ModelSpec) -> PreTrainedModel:
     """An earlier run's ``save_pretrained`` directory (``RUN_DIR/export``)."""
     if not (Path(path) / "config.json").is_file():
-        raise InputError("not a model directory (no config.json): pass a run's export/ directory or a .ckpt",
+        raise InputError("not a model directory (no config.json): pass a run's export/ or adapter/ directory or a "
+                         ".ckpt",
                          file=path, field="model.init_from")
     try:
         return AutoModelForCausalLM.from_pretrained(path, dtype=_DTYPES[spec.dtype],

@@ -25,6 +25,7 @@ from dynlab.errors import InputError
 from dynlab.losses.logps import segment_sum, token_logps
 from dynlab.metrics.functional import SEQUENCE_METRICS, ANormReduction, sequence_stats, token_stats
 from dynlab.metrics.probe import PreferenceMetric, ProbeTypeMetric
+from dynlab.models.adapter import AdapterSpec, apply_adapter, as_adapter_spec, merged_state_dict
 from dynlab.models.forward import lm_head, response_hidden, shared_prompt_hidden_rows
 from dynlab.models.generate import generate_responses
 from dynlab.models.load import ModelSpec, load_model, load_tokenizer
@@ -101,6 +102,8 @@ class CausalLMModule(L.LightningModule):
         dropout: keep the model's dropout (default off, as in the paper).
         a_norm: the probe metric ``a_norm``: ``token_mean`` (the mean of the per-token ||I - 1 pi_m^T||_F) or
             ``paper`` (the original code's A_o, sqrt(V (mean_m ||pi_m||)^2 + V - 2), to compare with its figures).
+        adapter: train a LoRA adapter (peft) instead of the full weights (configs/lora.yaml); the export is then
+            both RUN_DIR/export (merged weights, a plain model) and RUN_DIR/adapter (the adapter alone).
     """
 
     training_view: ClassVar[str] = "sft"
@@ -116,6 +119,7 @@ class CausalLMModule(L.LightningModule):
         logp_chunk_tokens: int | None = None,
         dropout: bool = False,
         a_norm: ANormReduction = "token_mean",
+        adapter: AdapterSpec | None = None,
     ):
         super().__init__()
         # refused here, before any weights load: jsonargparse builds the module before the run directory exists
@@ -131,6 +135,16 @@ class CausalLMModule(L.LightningModule):
         self.policy = load_model(self.spec, init_from).train()  # from_pretrained returns eval mode
         if not dropout:
             disable_dropout(self.policy)
+        # with an adapter, self.policy is the plain model with the LoRA layers injected (forward.py, probes, metrics
+        # and dynamics see a HF model whose trainable parameters are the adapter's); the PeftModel around it, for
+        # save_pretrained and disable_adapter, stays out of the module tree (its state would be checkpointed twice)
+        self._peft: list[Any] = []
+        self.adapter_spec = adapter = as_adapter_spec(adapter)
+        if adapter is not None:
+            self.policy.requires_grad_(False)
+            base_name = str(Path(init_from).resolve()) if init_from is not None else self.spec.name_or_path
+            self._peft.append(apply_adapter(self.policy, adapter, base_name=base_name))
+            self.policy = self._peft[0].get_base_model()
         self.optimizer_factory, self.scheduler_factory = optimizer, scheduler
         self.probe_metrics = nn.ModuleDict()
         self.preference_metrics = nn.ModuleDict()
@@ -139,10 +153,18 @@ class CausalLMModule(L.LightningModule):
         self._last_probe_step = -1
         self._unlogged_row: dict | None = None  # carried by the checkpoint this run resumed from
 
+    @property
+    def peft_model(self) -> Any:
+        """The ``PeftModel`` around ``policy`` (None without an adapter)."""
+        return self._peft[0] if self._peft else None
+
     # ---- set-up ---------------------------------------------------------------------------------------------------
     def check_strategy(self, trainer: L.Trainer) -> None:
         """Refuse a strategy this module cannot run under (InputError). ``dynlab`` calls it before the run directory
         is written; :meth:`setup` again, for a Trainer built by hand."""
+        if uses_fsdp(trainer) and self._peft:
+            raise InputError("a LoRA adapter under FSDP is not supported yet: train it with DDP or on one device, or "
+                             "drop model.init_args.adapter", field="trainer.strategy")
         if uses_fsdp(trainer) and self.hparams.probe_every_n_steps:
             # probe scoring calls the policy outside FSDP's root forward, with a different number of forwards per
             # rank: every rank would wait on the others' all-gathers
@@ -455,12 +477,19 @@ class CausalLMModule(L.LightningModule):
         self.stop_if_asked()  # a SIGTERM during the last step: no export (a resumed run finishes it)
         start = time.monotonic()
         # every rank takes part in gathering the weights (sharded under FSDP); rank 0 writes
-        state = self.trainer.strategy.lightning_module_state_dict()
+        state = self.trainer.strategy.lightning_module_state_dict() if not self._peft else {}
         if not self.trainer.is_global_zero:
             return
-        policy_state = {k.removeprefix("policy."): v for k, v in state.items() if k.startswith("policy.")}
         self.stop_if_asked()
-        export_pretrained(self.policy, self.tokenizer, self.run_dir / "export", state_dict=policy_state)
+        if self._peft:  # no FSDP (check_strategy): the live weights are whole
+            export_pretrained(self.policy, self.tokenizer, self.run_dir / "export",
+                              state_dict=merged_state_dict(self.peft_model))
+            self.stop_if_asked()
+            # the base's embeddings are not resized by dynlab: no lookup of the base's config (offline) to check it
+            export_pretrained(self.peft_model, self.tokenizer, self.run_dir / "adapter", save_embedding_layers=False)
+        else:
+            policy_state = {k.removeprefix("policy."): v for k, v in state.items() if k.startswith("policy.")}
+            export_pretrained(self.policy, self.tokenizer, self.run_dir / "export", state_dict=policy_state)
         if self._last_probe_step >= 0:
             self.stop_if_asked()
             figures = plot_runs([self.run_dir], self.run_dir / "figures")
@@ -471,12 +500,13 @@ class CausalLMModule(L.LightningModule):
         self._export_seconds += time.monotonic() - start
 
 
-def export_pretrained(model: nn.Module, tokenizer: Any, out: Path, state_dict: dict | None = None) -> Path:
+def export_pretrained(model: nn.Module, tokenizer: Any, out: Path, state_dict: dict | None = None,
+                      **save_kwargs: Any) -> Path:
     """``save_pretrained`` model and tokenizer into ``out``, atomically (a crash leaves no half-written export)."""
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=".export-"))
     try:
-        model.save_pretrained(tmp, state_dict=state_dict)
+        model.save_pretrained(tmp, state_dict=state_dict, **save_kwargs)
         tokenizer.save_pretrained(tmp)
     except BaseException:  # a Ctrl-C included: no half-written directory left behind either
         shutil.rmtree(tmp, ignore_errors=True)

@@ -1,4 +1,6 @@
-"""DPOModule: off-policy DPO (and IPO, hinge, cDPO) against a frozen reference equal to the initial policy.
+"""DPOModule: off-policy preference learning — DPO (and cDPO, IPO, hinge, SLiC-HF, SPPO, DPOP, RPO) against a frozen
+reference equal to the initial policy (with a LoRA adapter: the policy itself with the adapter disabled, so the base
+weights are in memory once), or the reference-free SimPO (no reference at all).
 
     dynlab fit --config configs/dpo.yaml
 """
@@ -12,7 +14,8 @@ import torch
 from torch import Tensor, nn
 
 from dynlab.errors import InputError
-from dynlab.losses.dpo import DPOArgumentError, LossType, check_dpo_args, dpo_loss
+from dynlab.losses.dpo import REFERENCE_FREE, DPOArgumentError, LossType, check_dpo_args, dpo_loss
+from dynlab.losses.logps import IGNORE_INDEX
 from dynlab.models.forward import pair_rows, shared_prompt_hidden_rows, shares_kv_cache
 from dynlab.modules.base import CausalLMModule, disable_dropout, uses_fsdp
 
@@ -29,30 +32,59 @@ class DPOModule(CausalLMModule):
     Args:
         beta: strength of the implicit KL penalty.
         label_smoothing: cDPO's assumed label-noise rate (sigmoid loss only).
-        loss_type: ``sigmoid`` (DPO), ``ipo`` or ``hinge``.
+        loss_type: ``sigmoid`` (DPO), ``ipo``, ``hinge``, ``slic`` (SLiC-HF), ``sppo_hard`` (SPPO), ``dpop``
+            (DPO-Positive, Smaug), ``rpo`` (DPO + NLL on chosen) or ``simpo`` (reference-free, length-normalised:
+            no reference model is built or run); formulas in ``dynlab.losses.dpo.dpo_loss``.
         precompute_ref_logps: compute the reference log-probs of every training pair once at the start of fit and
             free the reference model (saves a forward per step and the reference's memory).
+        delta: ``slic``'s hinge margin on the log-ratio margin.
+        nll_weight: weight of the per-token NLL of the chosen response in ``slic`` (SLiC-HF's lambda) and ``rpo``
+            (RPO's alpha).
+        dpop_lambda: ``dpop``'s penalty weight on log pi_ref(y+) - log pi(y+) > 0.
+        gamma: ``simpo``'s target margin of the length-normalised rewards (set it with beta: SimPO uses beta 2-10).
         **kwargs: see CausalLMModule.
     """
 
     training_view: ClassVar[str] = "dpo"
 
     def __init__(self, *args: Any, beta: float = 0.1, label_smoothing: float = 0.0,
-                 loss_type: LossType = "sigmoid", precompute_ref_logps: bool = False, **kwargs: Any):
+                 loss_type: LossType = "sigmoid", precompute_ref_logps: bool = False, delta: float = 1.0,
+                 nll_weight: float = 1.0, dpop_lambda: float = 50.0, gamma: float = 0.5, **kwargs: Any):
         # refused before the weights load (dpo_loss would only refuse them at the first training step)
         try:
-            check_dpo_args(beta, label_smoothing, loss_type)
+            check_dpo_args(beta, label_smoothing, loss_type, delta=delta, nll_weight=nll_weight,
+                           dpop_lambda=dpop_lambda, gamma=gamma)
         except DPOArgumentError as err:
             raise InputError(err.message, field=f"model.{err.argument}") from None
+        if precompute_ref_logps and loss_type in REFERENCE_FREE:
+            raise InputError(f"loss_type {loss_type!r} has no reference model whose log-probs could be precomputed: "
+                             "drop precompute_ref_logps", field="model.precompute_ref_logps")
         super().__init__(*args, **kwargs)
         self.save_hyperparameters(ignore=["optimizer", "scheduler"])
-        # kept out of the module tree: not trained, not checkpointed (it is rebuilt from the initial weights)
-        self._reference: list[nn.Module] = [frozen_copy(self.policy)]
+        # kept out of the module tree: not trained, not checkpointed (it is rebuilt from the initial weights); with
+        # an adapter the frozen base under the policy's LoRA layers is the reference (reference_sequence_logps)
+        self.reference_free = loss_type in REFERENCE_FREE  # simpo: no reference is built, run or checkpointed
+        no_copy = self.reference_free or self.peft_model is not None
+        self._reference: list[nn.Module] = [] if no_copy else [frozen_copy(self.policy)]
         self.ref_logps: Tensor | None = None  # (pairs, 2) when precomputed
 
     @property
     def reference(self) -> nn.Module:
         return self._reference[0]
+
+    @torch.no_grad()
+    def reference_sequence_logps(self, batch: dict[str, Tensor]) -> Tensor:
+        """The reference's summed response log-probs: batch (B, T) -> (B,). With an adapter, the policy with the
+        adapter disabled, in eval mode (the LoRA dropout off; the train mode is restored after)."""
+        if self.peft_model is None:
+            return self.sequence_logps(batch, self.reference)
+        was_training = self.policy.training
+        self.policy.eval()
+        try:
+            with self.peft_model.disable_adapter():
+                return self.sequence_logps(batch, self.policy)
+        finally:
+            self.policy.train(was_training)
 
     def on_fit_start(self) -> None:
         if self.ref_logps is None and self._reference:
@@ -97,7 +129,7 @@ class DPOModule(CausalLMModule):
             if only is not None and not only[index].any():
                 continue
             batch = {k: v.to(self.device) for k, v in batch.items()}
-            cache.index_add_(0, index, torch.stack(self.sequence_logps(batch, self.reference).chunk(2), dim=1))
+            cache.index_add_(0, index, torch.stack(self.reference_sequence_logps(batch).chunk(2), dim=1))
             count.index_add_(0, index, torch.ones_like(index, dtype=count.dtype))
         strategy = self.trainer.strategy
         cache, count = strategy.reduce(cache, reduce_op="sum"), strategy.reduce(count, reduce_op="sum")
@@ -107,9 +139,10 @@ class DPOModule(CausalLMModule):
         """As the base class (token order aside), but each pair's prompt runs once, its KV cache serving both the
         chosen and the rejected response, and responses are grouped by length: the same numbers for less work."""
         # one dropout mask for both rows of a pair would change training; FSDP shards the policy per forward call
+        lora_dropout = self.adapter_spec is not None and self.adapter_spec.dropout > 0
+        dropout = model is self.policy and (self.hparams.dropout or (lora_dropout and model.training))
         rows = None
-        if not (model is self.policy and self.hparams.dropout) and not uses_fsdp(self._trainer) \
-                and shares_kv_cache(model):
+        if not dropout and not uses_fsdp(self._trainer) and shares_kv_cache(model):
             rows = pair_rows(batch["input_ids"], batch["attention_mask"], batch["labels"])
         if rows is None:
             return super().response_states(batch, model)
@@ -125,15 +158,20 @@ class DPOModule(CausalLMModule):
 
     def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
         policy_chosen, policy_rejected = self.sequence_logps(batch).chunk(2)
-        if self.ref_logps is not None:
+        if self.reference_free:
+            ref_chosen = ref_rejected = None
+        elif self.ref_logps is not None:
             ref_chosen, ref_rejected = self.ref_logps.to(self.device)[batch["index"]].unbind(1)
         else:
-            with torch.no_grad():
-                ref_chosen, ref_rejected = self.sequence_logps(batch, self.reference).chunk(2)
+            ref_chosen, ref_rejected = self.reference_sequence_logps(batch).chunk(2)
         hp = self.hparams
+        # response tokens per row (chosen rows first, as the log-probs): slic, rpo and simpo normalise by them
+        chosen_lengths, rejected_lengths = (batch["labels"] != IGNORE_INDEX).sum(dim=1).chunk(2)
         losses, chosen_rewards, rejected_rewards = dpo_loss(
             policy_chosen, policy_rejected, ref_chosen, ref_rejected, beta=hp.beta,
-            label_smoothing=hp.label_smoothing, loss_type=hp.loss_type)
+            label_smoothing=hp.label_smoothing, loss_type=hp.loss_type, chosen_lengths=chosen_lengths,
+            rejected_lengths=rejected_lengths, delta=hp.get("delta", 1.0), nll_weight=hp.get("nll_weight", 1.0),
+            dpop_lambda=hp.get("dpop_lambda", 50.0), gamma=hp.get("gamma", 0.5))
         loss = losses.mean()
         n = losses.shape[0]
         self.log("train/loss", loss, prog_bar=True, batch_size=n, sync_dist=True)
