@@ -1,29 +1,80 @@
-"""DPOModule: off-policy preference learning — DPO (and cDPO, IPO, hinge, SLiC-HF, SPPO, DPOP, RPO) against a frozen
-reference equal to the initial policy (with a LoRA adapter: the policy itself with the adapter disabled, so the base
-weights are in memory once), or the reference-free SimPO (no reference at all).
+"""DPOModule: preference learning — DPO (and cDPO, IPO, hinge, SLiC-HF, SPPO, DPOP, RPO) against a frozen reference
+equal to the initial policy (with a LoRA adapter: the policy itself with the adapter disabled, so the base weights are
+in memory once), or the reference-free SimPO (no reference at all); off-policy on the dataset's pairs, or SPIN-style
+with the rejected response sampled from the current policy at every step (``negatives: policy``) and the reference
+optionally reset to the policy every N steps (``reference_update_every``).
 
     dynlab fit --config configs/dpo.yaml
+    dynlab fit --config configs/spin.yaml
 """
 
 from __future__ import annotations
 
 import copy
-from typing import Any, ClassVar
+import json
+import math
+from collections.abc import Sequence
+from typing import Any, ClassVar, Literal
 
 import torch
 from torch import Tensor, nn
 
+from dynlab.data.tokenize import collate_sequences
 from dynlab.errors import InputError
+from dynlab.evaluation.repetition import distinct_n, repeated_ngram_fraction, words
 from dynlab.losses.dpo import REFERENCE_FREE, DPOArgumentError, LossType, check_dpo_args, dpo_loss
 from dynlab.losses.logps import IGNORE_INDEX
 from dynlab.models.forward import pair_rows, shared_prompt_hidden_rows, shares_kv_cache
+from dynlab.models.generate import generate_token_ids
+from dynlab.models.sampling import SamplingSpec, as_sampling_spec, prompt_ids_of, sample_seed
 from dynlab.modules.base import CausalLMModule, disable_dropout, uses_fsdp
+
+Negatives = Literal["dataset", "policy"]
 
 
 def frozen_copy(model: nn.Module) -> nn.Module:
     """A reference: the same weights, no gradients, eval mode and dropout explicitly 0."""
     reference = disable_dropout(copy.deepcopy(model))
     return reference.requires_grad_(False).eval()
+
+
+def with_sampled_rejected(batch: dict[str, Tensor], prompts: Sequence[Sequence[int]],
+                          samples: Sequence[Sequence[int]], pad_token_id: int) -> dict[str, Tensor]:
+    """The DPO batch with rejected row k = prompt k + sample k (labels -100 on the prompt and padding); the chosen
+    rows are kept as they are (right-padded further when a rejected row is longer) and ``index`` is kept.
+    batch (2B, T), B prompts and samples -> batch (2B, T') with T' = max(T, longest prompt + sample)."""
+    half = batch["input_ids"].shape[0] // 2
+    if not len(prompts) == len(samples) == half:
+        raise ValueError(f"need {half} prompts and samples (one per pair), got {len(prompts)} and {len(samples)}")
+    rejected = collate_sequences(prompts, samples, pad_token_id)
+    width = max(batch["input_ids"].shape[1], rejected["input_ids"].shape[1])
+    fill = {"input_ids": pad_token_id, "attention_mask": 0, "labels": IGNORE_INDEX}
+    out = {}
+    for key, value in fill.items():
+        chosen, new = batch[key][:half], rejected[key].to(batch[key].device)
+        out[key] = torch.cat([nn.functional.pad(chosen, (0, width - chosen.shape[1]), value=value),
+                              nn.functional.pad(new, (0, width - new.shape[1]), value=value)])
+    out.update({k: v for k, v in batch.items() if k not in fill})  # index (B,), and anything else the batch holds
+    return out
+
+
+def sample_stats(samples: Sequence[Sequence[int]], texts: Sequence[str], eos_token_id: int) -> dict[str, float]:
+    """Statistics of one step's samples: ``length`` (mean tokens, EOS included), ``eos_fraction`` (ending in EOS),
+    and on the decoded texts' words ``distinct_2`` and ``repeated_4gram`` (dynlab.evaluation.repetition), means over
+    the samples long enough to have them (NaN when none is).
+
+    >>> sample_stats([[5, 5, 0], [7]], ["a b a b", "x"], eos_token_id=0)
+    {'length': 2.0, 'eos_fraction': 0.5, 'distinct_2': 0.6666666666666666, 'repeated_4gram': 0.0}
+    """
+    def mean(values: list[float]) -> float:
+        kept = [v for v in values if not math.isnan(v)]
+        return sum(kept) / len(kept) if kept else math.nan
+
+    tokens = [words(t) for t in texts]
+    return {"length": mean([float(len(s)) for s in samples]),
+            "eos_fraction": mean([float(bool(s) and s[-1] == eos_token_id) for s in samples]),
+            "distinct_2": mean([distinct_n(t, 2) for t in tokens]),
+            "repeated_4gram": mean([repeated_ngram_fraction(t, 4) for t in tokens])}
 
 
 class DPOModule(CausalLMModule):
@@ -42,6 +93,13 @@ class DPOModule(CausalLMModule):
             (RPO's alpha).
         dpop_lambda: ``dpop``'s penalty weight on log pi_ref(y+) - log pi(y+) > 0.
         gamma: ``simpo``'s target margin of the length-normalised rewards (set it with beta: SimPO uses beta 2-10).
+        negatives: where each pair's rejected response comes from: ``dataset`` (its rejected response) or ``policy``
+            (SPIN-style: sampled from the current policy for the pair's prompt at every step; the chosen response
+            stays the dataset's). Every sample is kept in RUN_DIR/samples/step_{step:08d}_rank{rank}.jsonl.
+        sampling: how ``negatives: policy`` samples (temperature, top_p, max_new_tokens, seed); a step's samples
+            depend only on (seed, step, rank), so a resumed run samples what an uninterrupted one does.
+        reference_update_every: every N optimizer steps the reference becomes the current policy (SPIN's
+            iterations); 0 = never.
         **kwargs: see CausalLMModule.
     """
 
@@ -49,7 +107,9 @@ class DPOModule(CausalLMModule):
 
     def __init__(self, *args: Any, beta: float = 0.1, label_smoothing: float = 0.0,
                  loss_type: LossType = "sigmoid", precompute_ref_logps: bool = False, delta: float = 1.0,
-                 nll_weight: float = 1.0, dpop_lambda: float = 50.0, gamma: float = 0.5, **kwargs: Any):
+                 nll_weight: float = 1.0, dpop_lambda: float = 50.0, gamma: float = 0.5,
+                 negatives: Negatives = "dataset", sampling: SamplingSpec | None = None,
+                 reference_update_every: int = 0, **kwargs: Any):
         # refused before the weights load (dpo_loss would only refuse them at the first training step)
         try:
             check_dpo_args(beta, label_smoothing, loss_type, delta=delta, nll_weight=nll_weight,
@@ -59,10 +119,32 @@ class DPOModule(CausalLMModule):
         if precompute_ref_logps and loss_type in REFERENCE_FREE:
             raise InputError(f"loss_type {loss_type!r} has no reference model whose log-probs could be precomputed: "
                              "drop precompute_ref_logps", field="model.precompute_ref_logps")
+        if negatives not in ("dataset", "policy"):
+            raise InputError(f"must be 'dataset' or 'policy', got {negatives!r}", field="model.negatives")
+        sampling_spec = as_sampling_spec(sampling)
+        if not isinstance(reference_update_every, int) or reference_update_every < 0:
+            raise InputError(f"must be an integer >= 0 (0 = never), got {reference_update_every!r}",
+                             field="model.reference_update_every")
+        if precompute_ref_logps and negatives == "policy":
+            raise InputError("negatives 'policy' samples responses that have no cached reference log-probs: drop "
+                             "precompute_ref_logps", field="model.precompute_ref_logps")
+        if precompute_ref_logps and reference_update_every:
+            raise InputError("reference_update_every changes the reference during training, so its log-probs cannot "
+                             "be cached: drop precompute_ref_logps", field="model.precompute_ref_logps")
+        if reference_update_every and loss_type in REFERENCE_FREE:
+            raise InputError(f"loss_type {loss_type!r} has no reference model to update: set it to 0",
+                             field="model.reference_update_every")
         super().__init__(*args, **kwargs)
+        if reference_update_every and self.peft_model is not None:
+            raise InputError("is not supported with an adapter yet (the reference is the base with the adapter "
+                             "disabled): set it to 0 or drop model.init_args.adapter",
+                             field="model.reference_update_every")
+        self.negatives, self.sampling, self.reference_update_every = negatives, sampling_spec, reference_update_every
+        self.reference_updates = 0  # times the reference became the policy (checkpointed)
         self.save_hyperparameters(ignore=["optimizer", "scheduler"])
-        # kept out of the module tree: not trained, not checkpointed (it is rebuilt from the initial weights); with
-        # an adapter the frozen base under the policy's LoRA layers is the reference (reference_sequence_logps)
+        # kept out of the module tree: not trained, not in the state dict (it is rebuilt from the initial weights, or
+        # from the checkpoint's dynlab_reference_state once reference_update_every updated it); with an adapter the
+        # frozen base under the policy's LoRA layers is the reference (reference_sequence_logps)
         self.reference_free = loss_type in REFERENCE_FREE  # simpo: no reference is built, run or checkpointed
         no_copy = self.reference_free or self.peft_model is not None
         self._reference: list[nn.Module] = [] if no_copy else [frozen_copy(self.policy)]
@@ -71,6 +153,60 @@ class DPOModule(CausalLMModule):
     @property
     def reference(self) -> nn.Module:
         return self._reference[0]
+
+    def check_strategy(self, trainer: Any) -> None:
+        super().check_strategy(trainer)
+        if uses_fsdp(trainer) and (self.negatives == "policy" or self.reference_update_every):
+            # sampling calls the sharded policy outside FSDP's root forward, a different number of times per rank
+            what = "negatives: policy" if self.negatives == "policy" else "reference_update_every"
+            raise InputError(f"{what} under FSDP is not supported yet: train with DDP or on one device",
+                             field="trainer.strategy")
+        if self.negatives == "policy" and trainer.accumulate_grad_batches > 1:
+            # a step's samples are keyed by (seed, step, rank): the micro-batches of one step would share them
+            raise InputError("negatives: policy with gradient accumulation is not supported yet: raise "
+                             "data.batch_size instead", field="trainer.accumulate_grad_batches")
+
+    def update_reference(self) -> None:
+        """The reference becomes the current policy (its weights copied in; still frozen, eval, no dropout)."""
+        self.reference.load_state_dict(self.policy.state_dict())
+        self.reference_updates += 1
+
+    def optimizer_step(self, *args: Any, **kwargs: Any) -> None:
+        super().optimizer_step(*args, **kwargs)
+        # here, after the step and before this step's checkpoint callbacks run: a checkpoint of step N holds the
+        # reference updated at step N. Lightning counts the step in global_step only once this hook returns
+        every = self.reference_update_every
+        if every and (self.global_step + 1) % every == 0:
+            self.update_reference()
+
+    def sample_negatives(self, batch: dict[str, Tensor]) -> tuple[dict[str, Tensor], list[list[int]], int]:
+        """The batch with each rejected row replaced by prompt + a response sampled from the current policy, the
+        samples (token ids, EOS kept when generated) and their seed, ``sample_seed(sampling.seed, step, rank)``.
+        batch (2B, T) -> batch (2B, T')."""
+        prompts = prompt_ids_of(batch)
+        spec = self.sampling
+        seed = sample_seed(spec.seed, self.global_step, self.global_rank)
+        samples = generate_token_ids(self.policy, self.tokenizer, prompts, max_new_tokens=spec.max_new_tokens,
+                                     temperature=spec.temperature, top_p=spec.top_p, seed=seed,
+                                     batch_size=len(prompts), check=self.stop_if_asked)
+        return with_sampled_rejected(batch, prompts, samples, self.tokenizer.pad_token_id), samples, seed
+
+    def keep_samples(self, batch: dict[str, Tensor], samples: list[list[int]], seed: int) -> None:
+        """Write a step's samples to RUN_DIR/samples/step_{step:08d}_rank{rank}.jsonl (atomically; a re-run step
+        replaces its file) and log their ``train/sample/*`` statistics."""
+        decode = self.tokenizer.decode
+        prompts = prompt_ids_of(batch)
+        texts = [decode(s, skip_special_tokens=True) for s in samples]
+        rows = [{"index": int(i), "prompt": decode(p, skip_special_tokens=True), "sample": text, "tokens": len(ids),
+                 "sample_ids": ids, "seed": seed}
+                for i, p, text, ids in zip(batch["index"].tolist(), prompts, texts, samples)]
+        path = self.run_dir / "samples" / f"step_{self.global_step:08d}_rank{self.global_rank}.jsonl"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.tmp")
+        tmp.write_text("".join(json.dumps(row) + "\n" for row in rows))
+        tmp.replace(path)
+        stats = sample_stats(samples, texts, self.tokenizer.eos_token_id)
+        self.log_dict({f"train/sample/{k}": v for k, v in stats.items()}, batch_size=len(samples), sync_dist=True)
 
     @torch.no_grad()
     def reference_sequence_logps(self, batch: dict[str, Tensor]) -> Tensor:
@@ -157,6 +293,9 @@ class DPOModule(CausalLMModule):
         return torch.cat(hidden), torch.cat(targets), torch.cat(seq_index)
 
     def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
+        if self.negatives == "policy":
+            batch, samples, seed = self.sample_negatives(batch)
+            self.keep_samples(batch, samples, seed)
         policy_chosen, policy_rejected = self.sequence_logps(batch).chunk(2)
         if self.reference_free:
             ref_chosen = ref_rejected = None
@@ -183,14 +322,23 @@ class DPOModule(CausalLMModule):
             "train/logps/chosen": policy_chosen.detach().mean(),
             "train/logps/rejected": policy_rejected.detach().mean(),
         }, batch_size=n, sync_dist=True)
+        if self.reference_update_every:
+            self.log("train/reference_updates", float(self.reference_updates), batch_size=n)
         return loss
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         super().on_save_checkpoint(checkpoint)
         if self.ref_logps is not None:
             checkpoint["dynlab_ref_logps"] = self.ref_logps.cpu()
+        if self.reference_updates:  # otherwise the reference is the initial policy, rebuilt on load
+            checkpoint["dynlab_reference_state"] = {k: v.detach().cpu().clone()
+                                                    for k, v in self.reference.state_dict().items()}
+            checkpoint["dynlab_reference_updates"] = self.reference_updates
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         super().on_load_checkpoint(checkpoint)
         if "dynlab_ref_logps" in checkpoint:
             self.ref_logps = checkpoint["dynlab_ref_logps"].to(self.device)
+        if "dynlab_reference_state" in checkpoint and self._reference:
+            self.reference.load_state_dict(checkpoint["dynlab_reference_state"])
+            self.reference_updates = checkpoint["dynlab_reference_updates"]
