@@ -37,15 +37,17 @@ RISING_A_NORM = [10.0, 11.0, 12.0, 13.0]
 def write_run(root: Path, name: str, module: str, curves: dict, *, init_from: str | None = None,
               steps=STEPS, vocab: int | None = VOCAB, a_norm: dict | None = None, chosen: dict | None = None,
               drop: tuple[str, ...] = (), rows: dict | None = None, probe_text: str = "same",
-              data: dict | None = None) -> Path:
+              data: dict | None = None, negatives: str | None = None) -> Path:
     """A run directory: ``curves`` maps each probe type (and ``argmax``) to its mean Δ per step; ``a_norm`` per
     type (default rising), ``chosen`` the chosen rows' energy/p_e/max_prob curves (default: falling, falling,
     rising); ``drop`` leaves columns out; ``rows`` overrides single cells {(step, type, row): {column: value}};
-    ``data`` the data module's init_args (default ``source: synthetic``)."""
+    ``data`` the data module's init_args (default ``source: synthetic``); ``negatives`` DPO's (``policy``)."""
     run = root / name
+    init_args = {"policy": {"name_or_path": "tiny"}, "init_from": init_from}
+    if negatives is not None:
+        init_args["negatives"] = negatives
     config = {"seed_everything": 0, "trainer": {"max_steps": steps[-1]},
-              "model": {"class_path": f"dynlab.modules.{module}",
-                        "init_args": {"policy": {"name_or_path": "tiny"}, "init_from": init_from}},
+              "model": {"class_path": f"dynlab.modules.{module}", "init_args": init_args},
               "data": {"class_path": "dynlab.data.ProbeDataModule", "init_args": data or {"source": "synthetic"}}}
     run.mkdir(parents=True)
     (run / "config.yaml").write_text("# lightning.pytorch==2.6.6\n" + yaml.safe_dump(config), encoding="utf-8")
@@ -380,9 +382,29 @@ def test_14_dpo_from_extend_drops_less_and_squeezes_less(tmp_path: Path) -> None
     assert check(tmp_path / "e", 14, dpo()).passed is None
 
 
-def test_15_on_policy_is_undecided(tmp_path: Path) -> None:
-    s = check(tmp_path, 15, sft(), dpo())
+def test_15_on_policy_squeezes_less_than_off_policy(tmp_path: Path) -> None:
+    s = check(tmp_path / "a", 15, sft(), dpo())
     assert s.passed is None and "on-policy DPO run" in s.detail
+
+    def pair(root: Path, on_curves: dict, on_start: str | None = None, steps=STEPS) -> Signature:
+        sft_dir = write_run(root, *sft()[:3])
+        start = str(sft_dir / "export")
+        dirs = [sft_dir, write_run(root, "dpo", "DPOModule", DPO, init_from=start),
+                write_run(root, "spin", "DPOModule", on_curves, init_from=on_start or start, negatives="policy",
+                          steps=steps)]
+        signatures = check_signatures(dirs)
+        assert by_id(signatures, 9).runs == ("dpo",)  # the on-policy run is never the off-policy "dpo"
+        return by_id(signatures, 15)
+
+    good = pair(tmp_path / "b", changed(DPO, chosen=[0, 0.5, 0, -1], argmax=[0, 1, 1.5, 2]))
+    assert good.passed is True and good.runs == ("dpo", "dpo_onpolicy") and good.numbers["step"] == 24
+    assert good.numbers["Δ chosen dpo_onpolicy"] == -1 and good.numbers["Δ chosen dpo"] == -3
+    assert pair(tmp_path / "c", changed(DPO, chosen=[0, 0.5, 0, -1], argmax=[0, 5, 9, 12])).passed is False
+    assert pair(tmp_path / "d", changed(DPO, chosen=[0, -5, -8, -9], argmax=[0, 1, 1, 1])).passed is False
+    other = pair(tmp_path / "e", changed(DPO, chosen=[0, 0, 0, 0]), on_start="some/other/model")
+    assert other.passed is None and "different models" in other.detail
+    short = pair(tmp_path / "f", {k: [v[0], v[1] + 1, v[1] - 0.5] for k, v in DPO.items()}, steps=(0, 8, 16))
+    assert short.numbers["step"] == 16
 
 
 def test_16_metric_units(tmp_path: Path) -> None:

@@ -219,6 +219,8 @@ def run_roles(run_dirs: Sequence[str | os.PathLike]) -> dict[str, Path]:
       here. A DPO run from any other run not given (an ExtendSFT run's export, an export path not found here) is
       never ``dpo``.
     - ``dpo_extend``: the first DPO run started from the extend run's export.
+    - ``dpo_onpolicy``: the first DPO run whose rejected responses are sampled from the policy (``negatives:
+      policy``, SPIN-style); such a run is never ``dpo`` or ``dpo_extend`` (those are off-policy).
     - every other run: its module's class name and its position in ``run_dirs``, e.g. ``SFTModule_3``.
 
     Raises InputError (naming the file) for a directory without config.yaml or without a probe trajectory, or a
@@ -230,12 +232,16 @@ def run_roles(run_dirs: Sequence[str | os.PathLike]) -> dict[str, Path]:
         if path.resolve() in seen:
             raise InputError("run directory given twice", file=str(path))
         seen[path.resolve()] = path
-    modules = {}
+    modules, on_policy = {}, []
     for path in paths:
         module, init_args = _model_args(_config(path))
         _check_trajectory(path)
         modules[path] = (module, init_args.get("init_from"))
+        if module == "DPOModule" and init_args.get("negatives") == "policy":
+            on_policy.append(path)
     role_of: dict[Path, str] = {}
+    if on_policy:
+        role_of[on_policy[0]] = "dpo_onpolicy"
 
     def first(module: str) -> Path | None:
         return next((p for p, (m, _) in modules.items() if m == module and p not in role_of), None)
@@ -244,7 +250,7 @@ def run_roles(run_dirs: Sequence[str | os.PathLike]) -> dict[str, Path]:
         if (path := first(module)) is not None:
             role_of[path] = role
     parents = {r: p for p, r in role_of.items()}
-    dpo_runs = [p for p, (m, _) in modules.items() if m == "DPOModule"]
+    dpo_runs = [p for p, (m, _) in modules.items() if m == "DPOModule" and p not in on_policy]
     parent_of = {p: _parent(modules[p][1], list(parents.values())) for p in dpo_runs}
     for role, parent in (("dpo", parents.get("sft")), ("dpo_extend", parents.get("extend"))):
         match = next((p for p in dpo_runs if parent is not None and parent_of[p] == parent), None)
@@ -669,19 +675,43 @@ def _check_14(curves) -> Signature:
                 "(a smaller drop) and mean Δ argmax of dpo_extend < of dpo (a smaller rise)")
 
 
+def _check_15(curves, roles: dict[str, Path]) -> Signature:
+    runs = ("dpo", "dpo_onpolicy")
+    for role in runs:
+        if undecided := _need(15, role, curves, ["chosen", "argmax"]):
+            if role == "dpo_onpolicy" and role not in curves:
+                return _sig(15, (), None, {}, "needs an on-policy DPO run (negatives: policy, y⁻ sampled from the "
+                                              "current policy) to compare with an off-policy one")
+            return undecided
+    starts = {role: _model_args(_config(roles[role]))[1].get("init_from") for role in runs}
+    if len(set(starts.values())) != 1:
+        return _sig(15, runs, None, {}, f"the two DPO runs start from different models ({starts['dpo']} and "
+                                        f"{starts['dpo_onpolicy']}): their changes do not compare")
+    off, on = (curves[r][["chosen", "argmax"]].dropna() for r in runs)
+    common = off.index.intersection(on.index)
+    if len(common) < 2:
+        return _sig(15, runs, None, {}, "the two DPO runs share fewer than 2 evaluation steps")
+    step = common.max()
+    o, n = off.loc[step], on.loc[step]
+    return _sig(15, runs, {"argmax rises less": n["argmax"] < o["argmax"],
+                           "chosen drops less": n["chosen"] > o["chosen"]},
+                {"step": step, "Δ argmax dpo": o["argmax"], "Δ argmax dpo_onpolicy": n["argmax"],
+                 "Δ chosen dpo": o["chosen"], "Δ chosen dpo_onpolicy": n["chosen"]},
+                f"rule: from the same start, at the last step both evaluated (step {step}): mean Δ argmax of "
+                "dpo_onpolicy < of dpo (a weaker squeeze) and mean Δ chosen of dpo_onpolicy > of dpo (a smaller drop)")
+
+
 def check_signatures(run_dirs: Sequence[str | os.PathLike], split: str = "train") -> list[Signature]:
     """Every §9 check a set of runs can decide, in §9 order: 4-11 and 13-15 once (undecided, with the reason, when
-    a run they need is missing; 15 always, it needs an on-policy DPO run), 12 and 16 once per run. Runs are named by
-    their role (:func:`run_roles`); means are over the probe rows of ``split``."""
+    a run they need is missing; 15 needs an on-policy DPO run beside the off-policy one), 12 and 16 once per run.
+    Runs are named by their role (:func:`run_roles`); means are over the probe rows of ``split``."""
     roles = run_roles(run_dirs)
     frames = {role: _split_frame(path, split) for role, path in roles.items()}
     curves = {role: _curves(frame) for role, frame in frames.items()}
     out = [_check_4(curves), _check_5(curves), _check_6(curves, roles), _check_7(curves), _check_8(curves),
            _check_9(curves), _check_10(curves), _check_11(curves)]
     out += [_check_12(role, frame) for role, frame in frames.items()]
-    out += [_check_13(roles, frames, split), _check_14(curves),
-            _sig(ON_POLICY_ID, (), None, {}, "needs an on-policy DPO run (y⁻ sampled from the current policy) to "
-                                             "compare with an off-policy one; dynlab has none yet")]
+    out += [_check_13(roles, frames, split), _check_14(curves), _check_15(curves, roles)]
     out += [_check_16(role, roles[role], frame) for role, frame in frames.items()]
     return out
 
