@@ -4,8 +4,9 @@
 
 Results go to ``benchmarks/results/*.json`` and ``benchmarks/results/RESULTS.md`` (``--out`` elsewhere). The whole
 set took about 40 minutes on the shared 2-core CPU it was written on (load average 2-5 from other jobs); ``--quick``
-about 4 (the ~20M model, few steps: for development). ``benchmarks/before_after.py`` (the fixes' A/B, about 12
-minutes) is not part of the set: ``--only before_after`` runs it.
+about 4 (the ~20M model, few steps: for development); ``lora`` (a fresh process per system and round) adds about 12
+(``--quick`` 4-5). ``benchmarks/before_after.py`` (the fixes' A/B, about 12 minutes) is not part of the set:
+``--only before_after`` runs it.
 """
 
 from __future__ import annotations

@@ -7,6 +7,7 @@ one HTML report (``dynlab report``) and the wall time split into training, probe
 
     dynlab reproduce [--data FILE] [--out runs/reproduce] [--sizes DIR] [--config OVERLAY ...] [-- EXTRA FIT ARGS]
     dynlab reproduce --stages sft,dpo   (only SFT -> DPO: a stage runs with the stage it starts from)
+    dynlab reproduce --stages sft,extend,dpo,dpo_extend,dpo_onpolicy   (and on-policy DPO from SFT: §15)
     dynlab reproduce --config configs/lora.yaml --lr-scale 10   (LoRA, every stage's learning rate x 10)
     dynlab reproduce --scale paper      (configs/paper/: Pythia-410M on 5,000 HH pairs, on a GPU with the hub)
 
@@ -47,6 +48,7 @@ class Stage:
     base: str  # the shipped config it stacks on (configs/<base>.yaml)
     version: str  # its fixed run directory name, inside <out>/<the config's CSVLogger name>/
     parent: str | None = None  # the stage whose export it starts from
+    overlay: str | None = None  # configs/reproduce/<overlay>.yaml stacked after the stage's own, at either scale
 
 
 STAGES = (
@@ -54,20 +56,27 @@ STAGES = (
     Stage("extend", "extend_sft", "reproduce"),
     Stage("dpo", "dpo", "from-sft", parent="sft"),
     Stage("dpo_extend", "dpo", "from-extend", parent="extend"),
+    # §15: the same DPO from the SFT export with y- sampled from the policy (SPIN-style); only with --stages
+    Stage("dpo_onpolicy", "dpo", "onpolicy-from-sft", parent="sft", overlay="onpolicy"),
 )
+DEFAULT_STAGES = ("sft", "extend", "dpo", "dpo_extend")
 
 
 def stage_configs(stage: Stage, configs: Path, scale: str, sizes: Path | None = None) -> list[Path]:
     """The configs one stage stacks: at ``cpu`` scale the shipped embedded-default config, the recipe's data and the
     recipe's stage overlay; at ``paper`` scale the paper's config of that stage (configs/paper/, for GPUs). Then,
-    from a ``sizes`` directory, its ``data.yaml`` and ``<stage>.yaml`` where present (e.g. configs/reproduce/quick/)."""
+    from a ``sizes`` directory, its ``data.yaml``, ``<base>.yaml`` and ``<stage name>.yaml`` where present (e.g.
+    configs/reproduce/quick/). A stage with an ``overlay`` adds configs/reproduce/<overlay>.yaml after its own."""
     if scale == "paper":
         stacked = [configs / "paper" / f"{stage.base}.yaml"]
     else:
         stacked = [configs / f"{stage.base}.yaml", configs / "reproduce" / "data.yaml",
                    configs / "reproduce" / f"{stage.base}.yaml"]
+    if stage.overlay is not None:
+        stacked.append(configs / "reproduce" / f"{stage.overlay}.yaml")
     if sizes is not None:
-        stacked += [p for p in (sizes / "data.yaml", sizes / f"{stage.base}.yaml") if p.is_file()]
+        own = (sizes / f"{stage.name}.yaml",) if stage.name != stage.base else ()
+        stacked += [p for p in (sizes / "data.yaml", sizes / f"{stage.base}.yaml", *own) if p.is_file()]
     return stacked
 
 
@@ -133,9 +142,9 @@ def stage_runs(out: str | os.PathLike) -> dict[str, Path]:
 
 def select_stages(names: str | None) -> tuple[Stage, ...]:
     """The stages ``--stages`` names (comma-separated, any order), in recipe order; every stage needs the stage it
-    starts from. None: all four."""
+    starts from. None: the four of DEFAULT_STAGES."""
     if names is None:
-        return STAGES
+        return tuple(s for s in STAGES if s.name in DEFAULT_STAGES)
     known = {s.name: s for s in STAGES}
     wanted = [n.strip() for n in names.split(",") if n.strip()]
     unknown = [n for n in wanted if n not in known]
@@ -325,8 +334,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--config", action="append", default=[], dest="overlays",
                         help="a config stacked on every stage (repeatable)")
     parser.add_argument("--configs", default=str(REPO / "configs"), help="the directory of the shipped configs")
-    parser.add_argument("--stages", help="run only these stages (comma-separated: sft, extend, dpo, dpo_extend); a "
-                        "DPO stage needs the stage it starts from (default: all four)")
+    parser.add_argument("--stages", help="run only these stages (comma-separated: sft, extend, dpo, dpo_extend, and "
+                        "dpo_onpolicy: SPIN-style DPO from the SFT export, for §15); a DPO stage needs the stage it "
+                        "starts from (default: the first four)")
     parser.add_argument("--lr-scale", type=float, help="multiply every stage's learning rate by this (LoRA usually "
                         "wants about 10x full finetuning's: --config configs/lora.yaml --lr-scale 10)")
     parser.add_argument("--record", help="also write the timing split and the signature results to this JSON file "

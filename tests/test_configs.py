@@ -57,7 +57,10 @@ def test_every_reproduce_stage_parses_as_dynlab_reproduce_stacks_it(stage, scale
         assert init["policy"]["name_or_path"] == "embedded:smollm2-135m-instruct"
         quick = sizes is not None
         assert data["probe_train_size"] == (4 if quick else 8)
-        if stage.base == "dpo":
+        if stage.name == "dpo_onpolicy":  # the same DPO, y- sampled from the policy: no cache for sampled responses
+            assert cfg["trainer"]["max_steps"] == (10 if quick else 40) and init["precompute_ref_logps"] is False
+            assert init["negatives"] == "policy" and init["sampling"]["max_new_tokens"] == (48 if quick else 64)
+        elif stage.base == "dpo":
             assert cfg["trainer"]["max_steps"] == (20 if quick else 40) and init["precompute_ref_logps"] is True
         else:
             assert cfg["trainer"]["max_steps"] == (30 if quick else 60)

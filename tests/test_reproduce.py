@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from dynlab.reproduce import STAGES, stage_runs
+from dynlab.reproduce import DEFAULT_STAGES, stage_runs
 from tests.conftest import CONFIGS, SHARED_PROBE_FILE, run_dynlab
 
 TINY = ("--config", str(CONFIGS / "tiny.yaml"))
@@ -48,7 +48,7 @@ def reproduced(tmp_path_factory, hh_slice) -> tuple[Path, Path, str]:
 def test_four_stages_report_signatures_and_timing(reproduced):
     cwd, out, stdout = reproduced
     runs = stage_runs(out)
-    assert list(runs) == [s.name for s in STAGES]
+    assert list(runs) == list(DEFAULT_STAGES)
     for name, run in runs.items():
         assert (run / "export" / "config.json").is_file(), name
         assert (run / "timing.json").is_file(), name
@@ -58,7 +58,7 @@ def test_four_stages_report_signatures_and_timing(reproduced):
     assert (out / "report.html").is_file()
     assert "signatures (PAPER_NOTES §9) on probe_train" in stdout and "on probe_test" in stdout
     timing = json.loads((out / "timing.json").read_text(encoding="utf-8"))
-    assert set(timing["stages"]) == {s.name for s in STAGES}
+    assert set(timing["stages"]) == set(DEFAULT_STAGES)
     total = timing["total"]
     assert total["probe_eval_s"] > 0 and total["train_s"] > 0 and total["wall_s"] >= total["train_s"]
     assert "wall time" in stdout and "probe evaluation" in stdout
@@ -82,14 +82,14 @@ def test_rerun_reuses_and_resumes(reproduced, hh_slice):
     cwd, out, _ = reproduced
     runs = stage_runs(out)
     # an interrupted last stage: its export is gone, its last.ckpt is there
-    last = runs[STAGES[-1].name]
+    last = runs[DEFAULT_STAGES[-1]]
     shutil.rmtree(last / "export")
     assert (last / "checkpoints" / "last.ckpt").is_file()
     proc = reproduce(cwd, hh_slice)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    for stage in STAGES[:-1]:
-        assert f"{stage.name} already finished" in proc.stderr
-    assert f"resuming {STAGES[-1].name}" in proc.stderr
+    for stage in DEFAULT_STAGES[:-1]:
+        assert f"{stage} already finished" in proc.stderr
+    assert f"resuming {DEFAULT_STAGES[-1]}" in proc.stderr
     assert (last / "export" / "config.json").is_file()
 
 
@@ -169,10 +169,14 @@ def test_missing_data_file_is_one_line(tmp_path):
 def test_stages_and_lr_scale_pick_and_scale(reproduced, hh_slice, tmp_path):
     """``--stages sft,dpo`` runs SFT -> DPO alone (in a fresh --out); ``--lr-scale`` multiplies every stage's learning
     rate; a stage without its parent and a bad scale are refused in one line."""
-    proc = reproduce(tmp_path, hh_slice, "--stages", "dpo,sft", "--lr-scale", "2")
+    proc = reproduce(tmp_path, hh_slice, "--stages", "dpo,sft,dpo_onpolicy", "--lr-scale", "2")
     assert proc.returncode == 0, proc.stderr[-3000:]
     runs = stage_runs(tmp_path / "out")
-    assert list(runs) == ["sft", "dpo"]
+    assert list(runs) == ["sft", "dpo", "dpo_onpolicy"]
+    onpolicy = runs.pop("dpo_onpolicy")  # the same DPO from the SFT export, y- sampled from the policy (§15)
+    assert "negatives: policy" in (onpolicy / "config.yaml").read_text(encoding="utf-8")
+    assert any((onpolicy / "samples").glob("step_*_rank0.jsonl"))
+    assert "| 15 |" in proc.stdout and "dpo, dpo_onpolicy" in proc.stdout
     for name, run in runs.items():
         config = (run / "config.yaml").read_text(encoding="utf-8")
         stacked = [CONFIGS / "sft.yaml", CONFIGS / "reproduce" / "sft.yaml", CONFIGS / "tiny.yaml"] if name == "sft" \
@@ -184,7 +188,7 @@ def test_stages_and_lr_scale_pick_and_scale(reproduced, hh_slice, tmp_path):
     # the recorded stages are kept when another subset runs beside them
     again = reproduce(tmp_path, hh_slice, "--stages", "sft", "--lr-scale", "2")
     assert again.returncode == 0 and "sft already finished" in again.stderr
-    assert list(stage_runs(tmp_path / "out")) == ["sft", "dpo"]
+    assert list(stage_runs(tmp_path / "out")) == ["sft", "dpo", "dpo_onpolicy"]
     for bad, message in ((("--stages", "dpo"), "starts from stage sft"), (("--stages", "sft,ppo"), "unknown stage"),
                          (("--lr-scale", "0"), "--lr-scale")):
         proc = reproduce(tmp_path, hh_slice, *bad, out="refused")
