@@ -47,7 +47,7 @@ compare-extend: install
 
 # The paper's picture on real data (PAPER_NOTES §6-9): SFT and ExtendSFT, then the same DPO from each, on DATA (default
 # the shared HH helpful-base rows; any file dynlab reads), the signatures checked, runs/reproduce/report.html.
-# Rerunning continues where it stopped. About 45 minutes on 2 CPU cores; the timing goes to benchmarks/results too.
+# Rerunning continues where it stopped. About 33 minutes on 2 idle CPU cores; the timing goes to benchmarks/results too.
 DATA ?= ../shared/data/hh_probe/probe_test.jsonl
 reproduce: install
 	$(BIN)/dynlab reproduce --data $(DATA) --record benchmarks/results/reproduce.json $(REPRODUCE_ARGS)

@@ -206,6 +206,35 @@ def test_bad_adapter_specs_are_refused_naming_the_field(spec, field, says):
     assert says in str(err.value)
 
 
+@pytest.mark.parametrize("spec", [AdapterSpec(target_modules=["q_proj", "lm_head"]),
+                                  AdapterSpec(target_modules="lm_head"), AdapterSpec(modules_to_save=["lm_head"])])
+def test_an_adapter_on_a_tied_head_is_refused(spec):
+    # the tiny model ties lm_head to embed_tokens: a trained head could not be exported as a plain model
+    with pytest.raises(InputError, match="tied to the input embeddings"):
+        check_adapter(spec, tiny_model(TINY))
+    untied = tiny_model(ModelSpec(name_or_path="tiny", tiny_config={"tie_word_embeddings": False}))
+    check_adapter(spec, untied)
+
+
+def test_unknown_adapter_and_sampling_fields_name_the_field():
+    from dynlab.models.adapter import as_adapter_spec
+    from dynlab.models.sampling import as_sampling_spec
+
+    with pytest.raises(InputError, match="model.adapter.rank"):
+        as_adapter_spec({"rank": 8})
+    with pytest.raises(InputError, match="model.sampling.temp"):
+        as_sampling_spec({"temp": 0.7})
+
+
+def test_dpo_refuses_an_adapter_that_trains_the_base_biases():
+    from dynlab.modules import DPOModule
+
+    # peft's bias "all"/"lora_only" trains the base's own biases, which disable_adapter() keeps: a moving reference
+    with pytest.raises(InputError, match="model.adapter.bias"):
+        DPOModule(policy=TINY, adapter=AdapterSpec(bias="all"))
+    DPOModule(policy=TINY, adapter=AdapterSpec(bias="all"), precompute_ref_logps=True)  # taken once, before training
+
+
 def test_bad_adapter_through_the_cli_and_under_fsdp(in_tmp, capsys):
     with pytest.raises(SystemExit):
         main(["fit", "--config", str(CONFIGS / "sft.yaml"), "--config", str(CONFIGS / "tiny.yaml"), "--config", LORA,

@@ -675,7 +675,7 @@ def _check_14(curves) -> Signature:
                 "(a smaller drop) and mean Δ argmax of dpo_extend < of dpo (a smaller rise)")
 
 
-def _check_15(curves, roles: dict[str, Path]) -> Signature:
+def _check_15(curves, roles: dict[str, Path], split: str) -> Signature:
     runs = ("dpo", "dpo_onpolicy")
     for role in runs:
         if undecided := _need(15, role, curves, ["chosen", "argmax"]):
@@ -684,9 +684,12 @@ def _check_15(curves, roles: dict[str, Path]) -> Signature:
                                               "current policy) to compare with an off-policy one")
             return undecided
     starts = {role: _model_args(_config(roles[role]))[1].get("init_from") for role in runs}
-    if len(set(starts.values())) != 1:
+    same = {os.path.normpath(os.path.expanduser(str(v))) if v is not None else None for v in starts.values()}
+    if len(same) != 1:
         return _sig(15, runs, None, {}, f"the two DPO runs start from different models ({starts['dpo']} and "
                                         f"{starts['dpo_onpolicy']}): their changes do not compare")
+    if _same_probe_texts(split, roles["dpo"], roles["dpo_onpolicy"]) is False:
+        return _sig(15, runs, None, {}, f"the two DPO runs scored different probe texts (probes/probe_{split}.jsonl)")
     off, on = (curves[r][["chosen", "argmax"]].dropna() for r in runs)
     common = off.index.intersection(on.index)
     if len(common) < 2:
@@ -711,7 +714,7 @@ def check_signatures(run_dirs: Sequence[str | os.PathLike], split: str = "train"
     out = [_check_4(curves), _check_5(curves), _check_6(curves, roles), _check_7(curves), _check_8(curves),
            _check_9(curves), _check_10(curves), _check_11(curves)]
     out += [_check_12(role, frame) for role, frame in frames.items()]
-    out += [_check_13(roles, frames, split), _check_14(curves), _check_15(curves, roles)]
+    out += [_check_13(roles, frames, split), _check_14(curves), _check_15(curves, roles, split)]
     out += [_check_16(role, roles[role], frame) for role, frame in frames.items()]
     return out
 

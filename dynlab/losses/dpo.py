@@ -87,7 +87,8 @@ def dpo_loss(
       -(1 - ls) logsigmoid(beta h) - ls logsigmoid(-beta h)
     - ``ipo`` (Azar et al. 2023): (h - 1 / (2 beta))^2
     - ``hinge`` (SLiC's calibration term with margin 1 / beta): relu(1 - beta h)
-    - ``slic`` (SLiC-HF, Zhao et al. 2023, eq. 1 with the reference-adjusted margin): relu(delta - h)
+    - ``slic`` (SLiC-HF, Zhao et al. 2023, eq. 1, with two changes: the reference-adjusted margin h where the paper
+      uses the policy's own log-ratio, and the per-token NLL where it sums over y+): relu(delta - h)
       + nll_weight NLL(y+); ``beta`` only scales the logged rewards.
     - ``sppo_hard`` (SPPO, Wu et al. 2024, as TRL's ``sppo_hard``): (r+ - 1 / (2 beta))^2 + (r- + 1 / (2 beta))^2
       with r+ = pc - rc, r- = pr - rr.

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import json
 import re
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any, Literal
 
@@ -46,7 +46,12 @@ def as_adapter_spec(value: AdapterSpec | dict | None) -> AdapterSpec | None:
     """An AdapterSpec from itself or its dict (the form a checkpoint's hyper_parameters hold)."""
     if value is None or isinstance(value, AdapterSpec):
         return value
-    return AdapterSpec(**{k: v for k, v in dict(value).items() if not k.startswith("_")})
+    given = {k: v for k, v in dict(value).items() if not k.startswith("_")}
+    known = {f.name for f in fields(AdapterSpec)}
+    if unknown := sorted(set(given) - known):
+        raise InputError(f"unknown field {unknown[0]!r}; expected some of {', '.join(sorted(known))}",
+                         field=f"model.adapter.{unknown[0]}")
+    return AdapterSpec(**given)
 
 
 def _is_linear(module: nn.Module) -> bool:
@@ -93,6 +98,22 @@ def check_adapter(spec: AdapterSpec, model: nn.Module) -> None:
         if missing:
             raise InputError(f"the model has no layer {', '.join(map(repr, missing))}; its linear layers: {linear}",
                              field=f"model.adapter.{field}")
+    config = getattr(model, "config", None)
+    if getattr(config, "tie_word_embeddings", False):
+        # a trained head (or its delta) would be exported beside embeddings the config ties it to: a reload re-ties
+        # them and drops it, while merge_and_unload would shift the shared embedding matrix instead
+        tied = {n for n, m in model.named_modules() if n and m in (model.get_output_embeddings(),
+                                                                   model.get_input_embeddings())}
+        regex = re.compile(targets) if isinstance(targets, str) and targets != "all-linear" else None
+        for field, entries in (("target_modules", targets if isinstance(targets, list) else []),
+                               ("modules_to_save", spec.modules_to_save or [])):
+            hit = [e for e in entries if any(_matches(e, n) for n in tied)]
+            if field == "target_modules" and regex is not None:
+                hit += [n for n in tied if regex.fullmatch(n)]
+            if hit:
+                raise InputError(f"{', '.join(map(repr, hit))} is the output head tied to the input embeddings "
+                                 "(tie_word_embeddings): an adapter on it cannot be exported as a plain model; "
+                                 "leave it out", field=f"model.adapter.{field}")
 
 
 def apply_adapter(model: nn.Module, spec: AdapterSpec, base_name: str | None = None) -> Any:

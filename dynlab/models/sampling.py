@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import hashlib
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 from torch import Tensor
 
@@ -37,7 +37,12 @@ def as_sampling_spec(value: SamplingSpec | dict | None) -> SamplingSpec:
     if value is None:
         value = SamplingSpec()
     elif not isinstance(value, SamplingSpec):
-        value = SamplingSpec(**{k: v for k, v in dict(value).items() if not k.startswith("_")})
+        given = {k: v for k, v in dict(value).items() if not k.startswith("_")}
+        known = {f.name for f in fields(SamplingSpec)}
+        if unknown := sorted(set(given) - known):
+            raise InputError(f"unknown field {unknown[0]!r}; expected some of {', '.join(sorted(known))}",
+                             field=f"model.sampling.{unknown[0]}")
+        value = SamplingSpec(**given)
     if not 0 < value.temperature < math.inf:
         raise InputError(f"must be > 0 and finite, got {value.temperature}", field="model.sampling.temperature")
     if not 0 < value.top_p <= 1:

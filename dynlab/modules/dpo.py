@@ -135,6 +135,14 @@ class DPOModule(CausalLMModule):
             raise InputError(f"loss_type {loss_type!r} has no reference model to update: set it to 0",
                              field="model.reference_update_every")
         super().__init__(*args, **kwargs)
+        if self.adapter_spec is not None and self.adapter_spec.bias != "none" and not precompute_ref_logps \
+                and loss_type not in REFERENCE_FREE:
+            # peft trains the base's own bias tensors, which disable_adapter() leaves in place: the reference would
+            # move with the policy
+            raise InputError(f"bias {self.adapter_spec.bias!r} trains the base's biases, so the base with the adapter "
+                             "disabled is no longer the reference: use bias 'none', or precompute_ref_logps: true "
+                             "(the reference's log-probs are then taken once, before training)",
+                             field="model.adapter.bias")
         if reference_update_every and self.peft_model is not None:
             raise InputError("is not supported with an adapter yet (the reference is the base with the adapter "
                              "disabled): set it to 0 or drop model.init_args.adapter",
