@@ -26,10 +26,12 @@ demo: install
 	$(BIN)/dynlab fit --config configs/dpo.yaml
 
 # One pytest worker per CPU (pytest-xdist; --dist loadfile keeps a file on one worker, so its module fixtures run
-# once) and one torch thread per worker: two busy threads per core are several times slower than one.
+# once) and one torch thread per worker: two busy threads per core are several times slower than one. Files go to the
+# workers in collection order (tests/conftest.py puts the longest first); xdist's default reorders them by test count,
+# which left the 25-minute files for last.
 test: install
 	$(BIN)/ruff check dynlab tests benchmarks
-	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-1} $(BIN)/pytest -n auto --dist loadfile tests
+	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-1} $(BIN)/pytest -n auto --dist loadfile --no-loadscope-reorder tests
 
 test-fast: install
 	$(BIN)/pytest -m "not slow" tests
