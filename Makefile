@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.dynlab-installed
 PIP := $(BIN)/python -m pip install -q -c constraints.txt
 
-.PHONY: install demo test test-fast test-slow lint clean compare-extend bench reproduce
+.PHONY: compare-onpolicy install demo test test-fast test-slow lint clean compare-extend bench reproduce
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -31,7 +31,7 @@ demo: install
 # which left the 25-minute files for last.
 test: install
 	$(BIN)/ruff check dynlab tests benchmarks
-	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-1} $(BIN)/pytest -n auto --dist loadfile --no-loadscope-reorder tests
+	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-1} $(BIN)/pytest -n auto --dist loadfile --no-loadscope-reorder --durations=25 tests
 
 test-fast: install
 	$(BIN)/pytest -m "not slow" tests
@@ -53,6 +53,18 @@ compare-extend: install
 DATA ?= ../shared/data/hh_probe/probe_test.jsonl
 reproduce: install
 	$(BIN)/dynlab reproduce --data $(DATA) --record benchmarks/results/reproduce.json $(REPRODUCE_ARGS)
+
+# The preference-loss family from one SFT export (PAPER_NOTES §1 "G per loss", §9.15): off-policy DPO, SPIN (y- sampled
+# from the policy), online DPO (both sampled, ranked by the embedded model as a logit judge; DYNLAB_RANKER=rm:PATH for a
+# reward model) and SPPO, on DATA at the quick size (SIZES= for the full recipe's); the overlay figure and the report in
+# runs/compare-onpolicy/. Reuses finished stages, like make reproduce.
+SIZES ?= configs/reproduce/quick
+COMPARE_OUT ?= runs/compare-onpolicy
+compare-onpolicy: install
+	$(BIN)/dynlab reproduce --data $(DATA) --out $(COMPARE_OUT) --stages sft,dpo,dpo_onpolicy,dpo_online,dpo_sppo \
+		$(if $(SIZES),--sizes $(SIZES)) $(REPRODUCE_ARGS)
+	$(BIN)/dynlab plot $(addprefix $(COMPARE_OUT)/dpo/,from-sft onpolicy-from-sft online-from-sft sppo-from-sft) \
+		--out $(COMPARE_OUT)/figures
 
 # dynlab against TRL, a bare PyTorch loop and the paper's probe evaluation: benchmarks/results/*.json and RESULTS.md
 # (about 31 minutes on 2 idle CPU cores, 40 under load; BENCH_ARGS=--quick: 4 minutes; on a GPU: "--device cuda --dtype bf16")

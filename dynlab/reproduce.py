@@ -8,6 +8,7 @@ one HTML report (``dynlab report``) and the wall time split into training, probe
     dynlab reproduce [--data FILE] [--out runs/reproduce] [--sizes DIR] [--config OVERLAY ...] [-- EXTRA FIT ARGS]
     dynlab reproduce --stages sft,dpo   (only SFT -> DPO: a stage runs with the stage it starts from)
     dynlab reproduce --stages sft,extend,dpo,dpo_extend,dpo_onpolicy   (and on-policy DPO from SFT: §15)
+    dynlab reproduce --stages sft,dpo,dpo_onpolicy,dpo_online,dpo_sppo   (the loss family: make compare-onpolicy)
     dynlab reproduce --config configs/lora.yaml --lr-scale 10   (LoRA, every stage's learning rate x 10)
     dynlab reproduce --scale paper      (configs/paper/: Pythia-410M on 5,000 HH pairs, on a GPU with the hub)
 
@@ -58,6 +59,10 @@ STAGES = (
     Stage("dpo_extend", "dpo", "from-extend", parent="extend"),
     # §15: the same DPO from the SFT export with y- sampled from the policy (SPIN-style); only with --stages
     Stage("dpo_onpolicy", "dpo", "onpolicy-from-sft", parent="sft", overlay="onpolicy"),
+    # the rest of the family from the same export (make compare-onpolicy): online DPO (both responses sampled from the
+    # policy and ranked by a judge) and SPPO's square loss on the dataset's pairs; only with --stages
+    Stage("dpo_online", "dpo", "online-from-sft", parent="sft", overlay="online"),
+    Stage("dpo_sppo", "dpo", "sppo-from-sft", parent="sft", overlay="sppo"),
 )
 DEFAULT_STAGES = ("sft", "extend", "dpo", "dpo_extend")
 
@@ -335,8 +340,9 @@ def main(argv: Sequence[str] | None = None) -> None:
                         help="a config stacked on every stage (repeatable)")
     parser.add_argument("--configs", default=str(REPO / "configs"), help="the directory of the shipped configs")
     parser.add_argument("--stages", help="run only these stages (comma-separated: sft, extend, dpo, dpo_extend, and "
-                        "dpo_onpolicy: SPIN-style DPO from the SFT export, for §15); a DPO stage needs the stage it "
-                        "starts from (default: the first four)")
+                        "dpo_onpolicy: SPIN-style DPO from the SFT export, for §15; dpo_online: online DPO, both "
+                        "responses sampled and ranked by a judge; dpo_sppo: SPPO's loss); a DPO stage needs the stage "
+                        "it starts from (default: the first four)")
     parser.add_argument("--lr-scale", type=float, help="multiply every stage's learning rate by this (LoRA usually "
                         "wants about 10x full finetuning's: --config configs/lora.yaml --lr-scale 10)")
     parser.add_argument("--record", help="also write the timing split and the signature results to this JSON file "

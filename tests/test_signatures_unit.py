@@ -37,15 +37,17 @@ RISING_A_NORM = [10.0, 11.0, 12.0, 13.0]
 def write_run(root: Path, name: str, module: str, curves: dict, *, init_from: str | None = None,
               steps=STEPS, vocab: int | None = VOCAB, a_norm: dict | None = None, chosen: dict | None = None,
               drop: tuple[str, ...] = (), rows: dict | None = None, probe_text: str = "same",
-              data: dict | None = None, negatives: str | None = None) -> Path:
+              data: dict | None = None, negatives: str | None = None, pairs: str | None = None) -> Path:
     """A run directory: ``curves`` maps each probe type (and ``argmax``) to its mean Δ per step; ``a_norm`` per
     type (default rising), ``chosen`` the chosen rows' energy/p_e/max_prob curves (default: falling, falling,
     rising); ``drop`` leaves columns out; ``rows`` overrides single cells {(step, type, row): {column: value}};
-    ``data`` the data module's init_args (default ``source: synthetic``); ``negatives`` DPO's (``policy``)."""
+    ``data`` the data module's init_args (default ``source: synthetic``); ``negatives`` and ``pairs`` DPO's."""
     run = root / name
     init_args = {"policy": {"name_or_path": "tiny"}, "init_from": init_from}
     if negatives is not None:
         init_args["negatives"] = negatives
+    if pairs is not None:
+        init_args["pairs"] = pairs
     config = {"seed_everything": 0, "trainer": {"max_steps": steps[-1]},
               "model": {"class_path": f"dynlab.modules.{module}", "init_args": init_args},
               "data": {"class_path": "dynlab.data.ProbeDataModule", "init_args": data or {"source": "synthetic"}}}
@@ -114,6 +116,17 @@ def test_run_roles_from_configs_and_init_from(tmp_path: Path) -> None:
     roles = run_roles([base, ext, d_ext, d_base, other_sft, other_dpo])
     assert roles == {"sft": base, "extend": ext, "dpo_extend": d_ext, "dpo": d_base, "SFTModule_4": other_sft,
                      "DPOModule_5": other_dpo}
+
+
+def test_run_roles_on_policy_runs_are_never_the_off_policy_dpo(tmp_path: Path) -> None:
+    base = write_run(tmp_path, "sft", "SFTModule", SFT)
+    start = str(base / "export")
+    online = write_run(tmp_path, "online", "DPOModule", DPO, init_from=start, pairs="policy_ranked")
+    spin = write_run(tmp_path, "spin", "DPOModule", DPO, init_from=start, negatives="policy")
+    sppo = write_run(tmp_path, "sppo", "DPOModule", DPO, init_from=start)
+    off = write_run(tmp_path, "off", "DPOModule", DPO, init_from=start)
+    assert run_roles([base, online, spin, off, sppo]) == {"sft": base, "dpo_online": online, "dpo_onpolicy": spin,
+                                                          "dpo": off, "DPOModule_4": sppo}
 
 
 def test_run_roles_any_dpo_run_without_a_matching_parent_is_dpo(tmp_path: Path) -> None:

@@ -220,7 +220,8 @@ def run_roles(run_dirs: Sequence[str | os.PathLike]) -> dict[str, Path]:
       never ``dpo``.
     - ``dpo_extend``: the first DPO run started from the extend run's export.
     - ``dpo_onpolicy``: the first DPO run whose rejected responses are sampled from the policy (``negatives:
-      policy``, SPIN-style); such a run is never ``dpo`` or ``dpo_extend`` (those are off-policy).
+      policy``, SPIN-style); ``dpo_online``: the first whose pairs are sampled and ranked (``pairs:
+      policy_ranked``, online DPO); such runs are never ``dpo`` or ``dpo_extend`` (those are off-policy).
     - every other run: its module's class name and its position in ``run_dirs``, e.g. ``SFTModule_3``.
 
     Raises InputError (naming the file) for a directory without config.yaml or without a probe trajectory, or a
@@ -232,16 +233,21 @@ def run_roles(run_dirs: Sequence[str | os.PathLike]) -> dict[str, Path]:
         if path.resolve() in seen:
             raise InputError("run directory given twice", file=str(path))
         seen[path.resolve()] = path
-    modules, on_policy = {}, []
+    modules, on_policy, online = {}, [], []
     for path in paths:
         module, init_args = _model_args(_config(path))
         _check_trajectory(path)
         modules[path] = (module, init_args.get("init_from"))
         if module == "DPOModule" and init_args.get("negatives") == "policy":
             on_policy.append(path)
+        if module == "DPOModule" and init_args.get("pairs") == "policy_ranked":
+            online.append(path)
     role_of: dict[Path, str] = {}
     if on_policy:
         role_of[on_policy[0]] = "dpo_onpolicy"
+    if online:
+        role_of[online[0]] = "dpo_online"
+    on_policy += online
 
     def first(module: str) -> Path | None:
         return next((p for p, (m, _) in modules.items() if m == module and p not in role_of), None)

@@ -1,6 +1,6 @@
-"""On-policy negatives (SPIN-style DPO): the sampling settings, the seed of a step's samples and the prompts of a DPO
-batch. (The batch rebuilt with the samples, and their statistics, are in dynlab.modules.dpo: they use the data and
-evaluation layers, which the model layer does not import.)"""
+"""On-policy sampling in DPO (SPIN-style negatives, online DPO's ranked pairs): the sampling settings, the seed of a
+step's samples and the prompts of a DPO batch. (The batches rebuilt with the samples, their ranking and statistics are
+in dynlab.modules.onpolicy: they use the data and evaluation layers, which the model layer does not import.)"""
 
 from __future__ import annotations
 
@@ -16,19 +16,22 @@ from dynlab.losses.logps import IGNORE_INDEX
 
 @dataclass
 class SamplingSpec:
-    """How the policy samples the rejected responses (``model.negatives: policy``).
+    """How the policy samples responses (``model.negatives: policy``, ``model.pairs: policy_ranked``).
 
     Args:
         temperature: softmax temperature (> 0).
         top_p: nucleus sampling mass in (0, 1] (1 = the full distribution).
         max_new_tokens: the most tokens a sampled response has (a response that hits it has no EOS).
         seed: base seed; a step's samples are drawn from a seed hashed from (seed, global step, rank).
+        num_samples: responses sampled per prompt by ``pairs: policy_ranked`` (k >= 2; the ranker's best becomes the
+            chosen, its worst the rejected); ``negatives: policy`` samples one.
     """
 
     temperature: float = 1.0
     top_p: float = 1.0
     max_new_tokens: int = 64
     seed: int = 0
+    num_samples: int = 2
 
 
 def as_sampling_spec(value: SamplingSpec | dict | None) -> SamplingSpec:
@@ -50,6 +53,9 @@ def as_sampling_spec(value: SamplingSpec | dict | None) -> SamplingSpec:
     if not isinstance(value.max_new_tokens, int) or value.max_new_tokens < 1:
         raise InputError(f"must be an integer of at least 1, got {value.max_new_tokens!r}",
                          field="model.sampling.max_new_tokens")
+    if not isinstance(value.num_samples, int) or isinstance(value.num_samples, bool) or value.num_samples < 2:
+        raise InputError(f"must be an integer of at least 2 (the best and the worst of k samples form a pair), got "
+                         f"{value.num_samples!r}", field="model.sampling.num_samples")
     return value
 
 

@@ -1,80 +1,52 @@
 """DPOModule: preference learning — DPO (and cDPO, IPO, hinge, SLiC-HF, SPPO, DPOP, RPO) against a frozen reference
 equal to the initial policy (with a LoRA adapter: the policy itself with the adapter disabled, so the base weights are
 in memory once), or the reference-free SimPO (no reference at all); off-policy on the dataset's pairs, or SPIN-style
-with the rejected response sampled from the current policy at every step (``negatives: policy``) and the reference
-optionally reset to the policy every N steps (``reference_update_every``).
+with the rejected response sampled from the current policy at every step (``negatives: policy``), or online: both
+responses the best and worst of k policy samples as a ranker orders them (``pairs: policy_ranked``); the reference
+optionally reset to the policy every N steps (``reference_update_every``). The sampling and ranking machinery is in
+dynlab.modules.onpolicy.
 
     dynlab fit --config configs/dpo.yaml
     dynlab fit --config configs/spin.yaml
+    dynlab fit --config configs/online_dpo.yaml
 """
 
 from __future__ import annotations
 
 import copy
-import json
-import math
-from collections.abc import Sequence
 from typing import Any, ClassVar, Literal
 
 import torch
 from torch import Tensor, nn
 
-from dynlab.data.tokenize import collate_sequences
 from dynlab.errors import InputError
-from dynlab.evaluation.repetition import distinct_n, repeated_ngram_fraction, words
+from dynlab.evaluation.judge import Judge, judge_from_spec
 from dynlab.losses.dpo import REFERENCE_FREE, DPOArgumentError, LossType, check_dpo_args, dpo_loss
 from dynlab.losses.logps import IGNORE_INDEX
 from dynlab.models.forward import pair_rows, shared_prompt_hidden_rows, shares_kv_cache
 from dynlab.models.generate import generate_token_ids
 from dynlab.models.sampling import SamplingSpec, as_sampling_spec, prompt_ids_of, sample_seed
 from dynlab.modules.base import CausalLMModule, disable_dropout, uses_fsdp
+from dynlab.modules.onpolicy import (  # with_sampled_pairs, with_sampled_rejected, sample_stats: importable from here
+    check_pairs_args,
+    kept_mean,
+    place_judge,
+    rank_samples,
+    ranked_rows,
+    sample_stats,
+    with_sampled_pairs,
+    with_sampled_rejected,
+    write_samples,
+)
 
 Negatives = Literal["dataset", "policy"]
+Pairs = Literal["dataset", "policy_ranked"]
 
 
 def frozen_copy(model: nn.Module) -> nn.Module:
     """A reference: the same weights, no gradients, eval mode and dropout explicitly 0."""
     reference = disable_dropout(copy.deepcopy(model))
     return reference.requires_grad_(False).eval()
-
-
-def with_sampled_rejected(batch: dict[str, Tensor], prompts: Sequence[Sequence[int]],
-                          samples: Sequence[Sequence[int]], pad_token_id: int) -> dict[str, Tensor]:
-    """The DPO batch with rejected row k = prompt k + sample k (labels -100 on the prompt and padding); the chosen
-    rows are kept as they are (right-padded further when a rejected row is longer) and ``index`` is kept.
-    batch (2B, T), B prompts and samples -> batch (2B, T') with T' = max(T, longest prompt + sample)."""
-    half = batch["input_ids"].shape[0] // 2
-    if not len(prompts) == len(samples) == half:
-        raise ValueError(f"need {half} prompts and samples (one per pair), got {len(prompts)} and {len(samples)}")
-    rejected = collate_sequences(prompts, samples, pad_token_id)
-    width = max(batch["input_ids"].shape[1], rejected["input_ids"].shape[1])
-    fill = {"input_ids": pad_token_id, "attention_mask": 0, "labels": IGNORE_INDEX}
-    out = {}
-    for key, value in fill.items():
-        chosen, new = batch[key][:half], rejected[key].to(batch[key].device)
-        out[key] = torch.cat([nn.functional.pad(chosen, (0, width - chosen.shape[1]), value=value),
-                              nn.functional.pad(new, (0, width - new.shape[1]), value=value)])
-    out.update({k: v for k, v in batch.items() if k not in fill})  # index (B,), and anything else the batch holds
-    return out
-
-
-def sample_stats(samples: Sequence[Sequence[int]], texts: Sequence[str], eos_token_id: int) -> dict[str, float]:
-    """Statistics of one step's samples: ``length`` (mean tokens, EOS included), ``eos_fraction`` (ending in EOS),
-    and on the decoded texts' words ``distinct_2`` and ``repeated_4gram`` (dynlab.evaluation.repetition), means over
-    the samples long enough to have them (NaN when none is).
-
-    >>> sample_stats([[5, 5, 0], [7]], ["a b a b", "x"], eos_token_id=0)
-    {'length': 2.0, 'eos_fraction': 0.5, 'distinct_2': 0.6666666666666666, 'repeated_4gram': 0.0}
-    """
-    def mean(values: list[float]) -> float:
-        kept = [v for v in values if not math.isnan(v)]
-        return sum(kept) / len(kept) if kept else math.nan
-
-    tokens = [words(t) for t in texts]
-    return {"length": mean([float(len(s)) for s in samples]),
-            "eos_fraction": mean([float(bool(s) and s[-1] == eos_token_id) for s in samples]),
-            "distinct_2": mean([distinct_n(t, 2) for t in tokens]),
-            "repeated_4gram": mean([repeated_ngram_fraction(t, 4) for t in tokens])}
 
 
 class DPOModule(CausalLMModule):
@@ -96,8 +68,18 @@ class DPOModule(CausalLMModule):
         negatives: where each pair's rejected response comes from: ``dataset`` (its rejected response) or ``policy``
             (SPIN-style: sampled from the current policy for the pair's prompt at every step; the chosen response
             stays the dataset's). Every sample is kept in RUN_DIR/samples/step_{step:08d}_rank{rank}.jsonl.
-        sampling: how ``negatives: policy`` samples (temperature, top_p, max_new_tokens, seed); a step's samples
-            depend only on (seed, step, rank), so a resumed run samples what an uninterrupted one does.
+        pairs: where each pair's two responses come from: ``dataset`` (as ``negatives`` says) or ``policy_ranked``
+            (online DPO: ``sampling.num_samples`` responses sampled from the current policy for the pair's prompt at
+            every step, ordered by ``ranker``; the best becomes the chosen, the worst the rejected, and a prompt whose
+            best and worst are tied is left out of the loss). Every sample, its score and the pick are kept in
+            RUN_DIR/samples/step_{step:08d}_rank{rank}.jsonl; logs train/ranking/tie_fraction and score_margin.
+        ranker: the judge that orders ``policy_ranked``'s samples, a ``dynlab judge`` spec: ``rm:PATH`` (a reward
+            model: by score), ``hf:PATH`` (a local chat model's logit judge) or ``openai:BASE_URL@MODEL[#KEY_ENV]``
+            (the last two: every pair in both orders, ranked by Copeland wins). Built once per process at fit start,
+            never checkpointed.
+        sampling: how ``negatives: policy`` and ``pairs: policy_ranked`` sample (temperature, top_p, max_new_tokens,
+            seed, num_samples); a step's samples depend only on (seed, step, rank), so a resumed run samples what an
+            uninterrupted one does.
         reference_update_every: every N optimizer steps the reference becomes the current policy (SPIN's
             iterations); 0 = never.
         **kwargs: see CausalLMModule.
@@ -108,8 +90,8 @@ class DPOModule(CausalLMModule):
     def __init__(self, *args: Any, beta: float = 0.1, label_smoothing: float = 0.0,
                  loss_type: LossType = "sigmoid", precompute_ref_logps: bool = False, delta: float = 1.0,
                  nll_weight: float = 1.0, dpop_lambda: float = 50.0, gamma: float = 0.5,
-                 negatives: Negatives = "dataset", sampling: SamplingSpec | None = None,
-                 reference_update_every: int = 0, **kwargs: Any):
+                 negatives: Negatives = "dataset", pairs: Pairs = "dataset", ranker: str | None = None,
+                 sampling: SamplingSpec | None = None, reference_update_every: int = 0, **kwargs: Any):
         # refused before the weights load (dpo_loss would only refuse them at the first training step)
         try:
             check_dpo_args(beta, label_smoothing, loss_type, delta=delta, nll_weight=nll_weight,
@@ -121,6 +103,7 @@ class DPOModule(CausalLMModule):
                              "drop precompute_ref_logps", field="model.precompute_ref_logps")
         if negatives not in ("dataset", "policy"):
             raise InputError(f"must be 'dataset' or 'policy', got {negatives!r}", field="model.negatives")
+        check_pairs_args(pairs, ranker, negatives, precompute_ref_logps)
         sampling_spec = as_sampling_spec(sampling)
         if not isinstance(reference_update_every, int) or reference_update_every < 0:
             raise InputError(f"must be an integer >= 0 (0 = never), got {reference_update_every!r}",
@@ -148,6 +131,8 @@ class DPOModule(CausalLMModule):
                              "disabled): set it to 0 or drop model.init_args.adapter",
                              field="model.reference_update_every")
         self.negatives, self.sampling, self.reference_update_every = negatives, sampling_spec, reference_update_every
+        self.pairs, self.ranker = pairs, ranker
+        self._ranker_judge: Judge | None = None  # built at fit start (ranking_judge): not a module, not checkpointed
         self.reference_updates = 0  # times the reference became the policy (checkpointed)
         self.save_hyperparameters(ignore=["optimizer", "scheduler"])
         # kept out of the module tree: not trained, not in the state dict (it is rebuilt from the initial weights, or
@@ -164,14 +149,16 @@ class DPOModule(CausalLMModule):
 
     def check_strategy(self, trainer: Any) -> None:
         super().check_strategy(trainer)
-        if uses_fsdp(trainer) and (self.negatives == "policy" or self.reference_update_every):
+        sampled = ("negatives: policy" if self.negatives == "policy"
+                   else "pairs: policy_ranked" if self.pairs == "policy_ranked" else None)
+        if uses_fsdp(trainer) and (sampled or self.reference_update_every):
             # sampling calls the sharded policy outside FSDP's root forward, a different number of times per rank
-            what = "negatives: policy" if self.negatives == "policy" else "reference_update_every"
+            what = sampled or "reference_update_every"
             raise InputError(f"{what} under FSDP is not supported yet: train with DDP or on one device",
                              field="trainer.strategy")
-        if self.negatives == "policy" and trainer.accumulate_grad_batches > 1:
+        if sampled and trainer.accumulate_grad_batches > 1:
             # a step's samples are keyed by (seed, step, rank): the micro-batches of one step would share them
-            raise InputError("negatives: policy with gradient accumulation is not supported yet: raise "
+            raise InputError(f"{sampled} with gradient accumulation is not supported yet: raise "
                              "data.batch_size instead", field="trainer.accumulate_grad_batches")
 
     def update_reference(self) -> None:
@@ -208,13 +195,49 @@ class DPOModule(CausalLMModule):
         rows = [{"index": int(i), "prompt": decode(p, skip_special_tokens=True), "sample": text, "tokens": len(ids),
                  "sample_ids": ids, "seed": seed}
                 for i, p, text, ids in zip(batch["index"].tolist(), prompts, texts, samples)]
-        path = self.run_dir / "samples" / f"step_{self.global_step:08d}_rank{self.global_rank}.jsonl"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.tmp")
-        tmp.write_text("".join(json.dumps(row) + "\n" for row in rows))
-        tmp.replace(path)
+        write_samples(self.run_dir, self.global_step, self.global_rank, rows)
+        self.log_sample_stats(samples, texts)
+
+    def log_sample_stats(self, samples: list[list[int]], texts: list[str]) -> None:
         stats = sample_stats(samples, texts, self.tokenizer.eos_token_id)
         self.log_dict({f"train/sample/{k}": v for k, v in stats.items()}, batch_size=len(samples), sync_dist=True)
+
+    def ranking_judge(self) -> Judge:
+        """The ranker (``judge_from_spec(ranker)``), built on first use, at fit start, once per process and on this
+        module's device; kept out of the module tree, so never in the state dict or checkpoint."""
+        if self._ranker_judge is None:
+            try:
+                judge = judge_from_spec(self.ranker)
+            except InputError as err:
+                raise InputError(err.message, file=err.file, field="model.ranker") from None
+            place_judge(judge, self.device)
+            self._ranker_judge = judge
+        return self._ranker_judge
+
+    def sample_ranked_pairs(self, batch: dict[str, Tensor]) -> tuple[dict[str, Tensor], Tensor]:
+        """Each pair replaced by the best and the worst of k = ``sampling.num_samples`` responses sampled from the
+        current policy for its prompt (one batched call over the k*B prompt copies, seed ``sample_seed(sampling.seed,
+        step, rank)``), as the ranker orders them; the samples kept in RUN_DIR/samples/ and logged (train/sample/*
+        over all k*B, train/ranking/*). batch (2B, T) -> (batch (2B, T'), keep (B,) bool: False where tied)."""
+        prompts, spec, tok = prompt_ids_of(batch), self.sampling, self.tokenizer
+        k, n = spec.num_samples, len(prompts)
+        seed = sample_seed(spec.seed, self.global_step, self.global_rank)
+        flat = generate_token_ids(self.policy, tok, [p for p in prompts for _ in range(k)],
+                                  max_new_tokens=spec.max_new_tokens, temperature=spec.temperature, top_p=spec.top_p,
+                                  seed=seed, batch_size=k * n, check=self.stop_if_asked)  # prompt-major: (B*k)
+        texts = [tok.decode(s, skip_special_tokens=True) for s in flat]
+        samples = [flat[b * k : (b + 1) * k] for b in range(n)]
+        grouped = [texts[b * k : (b + 1) * k] for b in range(n)]
+        shown = [tok.decode(p, skip_special_tokens=True) for p in prompts]
+        rankings, kind = rank_samples(self.ranking_judge(), shown, grouped, samples)
+        rows = ranked_rows(batch["index"].tolist(), shown, grouped, samples, rankings, kind, seed)
+        write_samples(self.run_dir, self.global_step, self.global_rank, rows)
+        self.log_sample_stats(flat, texts)
+        self.log_dict({"train/ranking/tie_fraction": sum(r.tied for r in rankings) / n,
+                       "train/ranking/score_margin": sum(r.margin for r in rankings) / n}, batch_size=n, sync_dist=True)
+        new = with_sampled_pairs(batch, prompts, [s[r.best] for s, r in zip(samples, rankings)],
+                                 [s[r.worst] for s, r in zip(samples, rankings)], tok.pad_token_id)
+        return new, torch.tensor([not r.tied for r in rankings], device=batch["input_ids"].device)
 
     @torch.no_grad()
     def reference_sequence_logps(self, batch: dict[str, Tensor]) -> Tensor:
@@ -231,6 +254,8 @@ class DPOModule(CausalLMModule):
             self.policy.train(was_training)
 
     def on_fit_start(self) -> None:
+        if self.pairs == "policy_ranked":
+            self.ranking_judge()
         if self.ref_logps is None and self._reference:
             self.reference.to(self.device)
         if self.hparams.precompute_ref_logps and self.ref_logps is None:
@@ -282,6 +307,8 @@ class DPOModule(CausalLMModule):
     def response_states(self, batch: dict[str, Tensor], model: nn.Module) -> tuple[Tensor, Tensor, Tensor]:
         """As the base class (token order aside), but each pair's prompt runs once, its KV cache serving both the
         chosen and the rejected response, and responses are grouped by length: the same numbers for less work."""
+        if model.training and getattr(model, "is_activation_checkpointing", False):
+            return super().response_states(batch, model)  # checkpointed layers drop the KV cache in training
         # one dropout mask for both rows of a pair would change training; FSDP shards the policy per forward call
         lora_dropout = self.adapter_spec is not None and self.adapter_spec.dropout > 0
         dropout = model is self.policy and (self.hparams.dropout or (lora_dropout and model.training))
@@ -301,9 +328,12 @@ class DPOModule(CausalLMModule):
         return torch.cat(hidden), torch.cat(targets), torch.cat(seq_index)
 
     def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
+        keep = None  # (B,) bool: the pairs in the loss (policy_ranked leaves ties out)
         if self.negatives == "policy":
             batch, samples, seed = self.sample_negatives(batch)
             self.keep_samples(batch, samples, seed)
+        elif self.pairs == "policy_ranked":
+            batch, keep = self.sample_ranked_pairs(batch)
         policy_chosen, policy_rejected = self.sequence_logps(batch).chunk(2)
         if self.reference_free:
             ref_chosen = ref_rejected = None
@@ -319,7 +349,7 @@ class DPOModule(CausalLMModule):
             label_smoothing=hp.label_smoothing, loss_type=hp.loss_type, chosen_lengths=chosen_lengths,
             rejected_lengths=rejected_lengths, delta=hp.get("delta", 1.0), nll_weight=hp.get("nll_weight", 1.0),
             dpop_lambda=hp.get("dpop_lambda", 50.0), gamma=hp.get("gamma", 0.5))
-        loss = losses.mean()
+        loss = losses.mean() if keep is None else kept_mean(losses, keep)
         n = losses.shape[0]
         self.log("train/loss", loss, prog_bar=True, batch_size=n, sync_dist=True)
         self.log_dict({

@@ -117,20 +117,36 @@ def plot_squeezing(frame: pd.DataFrame, out: Path, title: str, split: str = "tra
     return save_figure(fig, out)
 
 
-def plot_overlay(frames: dict[str, pd.DataFrame], out: Path, split: str = "train") -> Path:
-    """Several runs on one set of axes: chosen, rejected and argmax, one line style per run."""
-    fig, axes = plt.subplots(1, 3, figsize=(16, 4.6), sharex=True)
-    styles = ["-", "--", ":", "-."]
+def plot_overlay(frames: dict[str, pd.DataFrame], out: Path) -> Path:
+    """Several runs on one set of axes, one colour per run: Δlog π of chosen, rejected and the argmax response y*,
+    and the peakiness of the predictions along y⁺ (mean_m ‖π_m‖²), one row per probe split (e.g. off-policy DPO
+    against SPIN, online DPO and SPPO from the same start, or SFT→DPO against ExtendSFT→DPO)."""
+    splits = [s for s in ("train", "test") if any((f["split"] == s).any() for f in frames.values())]
+    panels = [("chosen", "chosen (y⁺)"), ("rejected", "rejected (y⁻)"), ("argmax", "argmax (y*)"),
+              ("peakiness", "peakiness along y⁺")]
+    fig, axes = plt.subplots(len(splits), len(panels), figsize=(20, 4.4 * len(splits)), squeeze=False, sharex=True)
+    colours = plt.get_cmap("tab10").colors
     for i, (label, frame) in enumerate(frames.items()):
-        curves = mean_curves(_with_argmax(frame), split, "dlogp")
-        for ax, t in zip(axes, ["chosen", "rejected", "argmax"]):
-            _plot_lines(ax, curves, [t], label_prefix=f"{label}: ", style=styles[i % len(styles)])
-    for ax, t in zip(axes, ["chosen (y⁺)", "rejected (y⁻)", "argmax (y*)"]):
-        ax.set(title=t, xlabel="optimizer step", ylabel="Δ log π since each run's step 0 (nats)")
-        ax.axhline(0, color="k", lw=0.6)
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
-    fig.suptitle(f"runs compared (probe_{split})")
+        colour = colours[i % len(colours)]
+        for row, split in zip(axes, splits):
+            dlogp = mean_curves(_with_argmax(frame), split, "dlogp")
+            peaky = mean_curves(frame, split, "peakiness")
+            for ax, (t, _) in zip(row, panels):
+                curves, key = (peaky, "chosen") if t == "peakiness" else (dlogp, t)
+                if ("mean", key) not in curves:
+                    continue
+                mean, sem = curves[("mean", key)], curves[("sem", key)]
+                ax.plot(mean.index, mean.values, "-", color=colour, marker=".", lw=1.8, label=label)
+                ax.fill_between(mean.index, mean - sem, mean + sem, color=colour, alpha=0.12, lw=0)
+    for row, split in zip(axes, splits):
+        for ax, (t, title) in zip(row, panels):
+            ylabel = "mean_m ‖π_m‖²" if t == "peakiness" else "Δ log π since each run's step 0 (nats)"
+            ax.set(title=f"{title}, probe_{split}", xlabel="optimizer step", ylabel=ylabel)
+            if t != "peakiness":
+                ax.axhline(0, color="k", lw=0.6)
+            ax.grid(alpha=0.3)
+    axes[0][0].legend(fontsize=8)
+    fig.suptitle("runs compared — mean over probe examples, band = ±1 s.e.")
     return save_figure(fig, out)
 
 
