@@ -44,7 +44,6 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -61,7 +60,6 @@ from benchmarks.common import (
     rotate,
     setup_torch,
     summary,
-    sync,
     verdict,
     write_result,
 )
@@ -69,6 +67,7 @@ from benchmarks.train_throughput import (
     BETA,
     CLIP,
     LR,
+    HFStepTimer,
     adamw,
     batch_tokens,
     dynlab_runner,
@@ -149,23 +148,10 @@ def trl_lora_trainer(policy, tokenizer, args: argparse.Namespace, root: str):
     adapter is disabled for it), the step timer, and the first loss; settings as train_throughput's TRL."""
     from datasets import Dataset
     from peft import LoraConfig
-    from transformers import TrainerCallback
     from transformers.trainer_callback import PrinterCallback
     from trl import DPOConfig, DPOTrainer
 
-    class HFStepTimer(TrainerCallback):
-        def __init__(self):
-            self.times, self._start = [], 0.0
-
-        def on_step_begin(self, *a, **kw):
-            sync(args.device)
-            self._start = time.perf_counter()
-
-        def on_step_end(self, *a, **kw):
-            sync(args.device)
-            self.times.append(time.perf_counter() - self._start)
-
-    timer = HFStepTimer()
+    timer = HFStepTimer(args.device)
     config = DPOConfig(output_dir=root, learning_rate=LR, weight_decay=0.0, lr_scheduler_type="constant",
                        warmup_steps=0, max_grad_norm=CLIP, max_steps=1, bf16=args.dtype == "bf16", fp16=False,
                        gradient_checkpointing=False, gradient_accumulation_steps=1, logging_strategy="no",

@@ -169,8 +169,70 @@ def lora(r: dict) -> list[str]:
     return out
 
 
+def sampling(r: dict) -> list[str]:
+    s = r["settings"]
+    out = ["## Sampling (dynlab generation vs plain `model.generate`; on-policy step split; SimPO memory)", "",
+           machine_line(r["machine"]), "",
+           f"`python -m benchmarks.sampling`. Generation: {s['prompts']} HH prompts (cut to {s['max_prompt_length']} "
+           f"tokens) in one batch, temperature {s['temperature']:g}, top_p {s['top_p']:g}, top_k off, "
+           f"{s['max_new_tokens']} new tokens at most, KV cache on, the same torch seed in both; {s['repeats']} "
+           f"alternated rounds after an untimed greedy call of each. Tokens: {s['generated_tokens']}. Step: "
+           f"{s['pairs']} DPO pairs, sampling = `DPOModule.sample_negatives`, training = `training_step` + backward "
+           f"+ clip + AdamW; {s['steps']} alternated rounds after {s['warmup']} untimed. Memory: {s['memory']}, "
+           f"{s['memory_rounds']} fresh process(es) per loss type.", ""]
+    runs = r["runs"]
+    gen = {k: v["generate"] for k, v in runs.items() if "generate" in v}
+    if gen:
+        out += ["| model | system | generated tokens | seconds | tokens/s | dynlab / plain | target |",
+                "|---|---|---|---|---|---|---|"]
+        for key, g in gen.items():
+            for name, sysr in g["systems"].items():
+                q = g["dynlab_over_plain"]
+                ratio, target = (mmm(q, "{:.2f}"), ok(q)) if name == "plain" else ("", "")
+                out.append(f"| {key} | {name} | {mmm(sysr['generated_tokens'], '{:.0f}')} | {mmm(sysr['seconds'])} | "
+                           f"{mmm(sysr['tokens_per_second'], '{:.1f}')} | {ratio} | {target} |")
+        out += [""] + [f"{key}: dynlab and plain `model.generate` give "
+                       + ("identical" if g["identical_tokens"]["greedy"] else "**different**") + " tokens greedy, "
+                       + ("identical" if g["identical_tokens"]["sampled"] else "**different**")
+                       + " tokens sampled with the same seed"
+                       + (f"; from this process's CPU seconds (the other jobs' share of the cores left out) dynlab / "
+                          f"plain is {mmm(g['dynlab_over_plain_cpu_time'], '{:.2f}')}"
+                          if "dynlab_over_plain_cpu_time" in g else "") + "." for key, g in gen.items()] + [""]
+    steps = {k: v["step"] for k, v in runs.items() if "step" in v}
+    if steps:
+        out += ["| model | sampling s | on-policy training s | on-policy step s | off-policy step s | "
+                "on-policy / off-policy step | sampling share of the on-policy step | sampled tokens/s |",
+                "|---|---|---|---|---|---|---|---|"]
+        for key, st in steps.items():
+            out.append(f"| {key} ({st['parameters'] / 1e6:.1f}M) | {mmm(st['sampling_seconds'])} | "
+                       f"{mmm(st['on_policy_training_seconds'])} | {mmm(st['on_policy_step_seconds'])} | "
+                       f"{mmm(st['off_policy_step_seconds'])} | "
+                       f"{mmm(st['on_policy_over_off_policy_step'], '{:.2f}')} | "
+                       f"{mmm(st['sampling_share_of_on_policy_step'], '{:.0%}')} | "
+                       f"{mmm(st['sampled_tokens_per_second'], '{:.1f}')} |")
+        out.append("")
+    mems = {k: v["memory"] for k, v in runs.items() if "memory" in v}
+    if mems:
+        out += ["| model | loss type | reference models | RSS before the build MiB | peak RSS MiB | build adds MiB |",
+                "|---|---|---|---|---|---|"]
+        for key, m in mems.items():
+            for lt, q in m["loss_types"].items():
+                out.append(f"| {key} | {lt} | {q['references']} | {mmm(q['rss_start_mb'], '{:.0f}')} | "
+                           f"{mmm(q['peak_rss_mb'], '{:.0f}')} | {mmm(q['build_adds_mb'], '{:.0f}')} |")
+        out += ["", "| model | figure | value | target |", "|---|---|---|---|"]
+        for key, m in mems.items():
+            q = m["simpo_over_sigmoid_build_adds"]
+            out += [f"| {key} | simpo builds no reference model | {'yes' if m['simpo_has_no_reference'] else '**no**'}"
+                    f" | |",
+                    f"| {key} | simpo / sigmoid, peak RSS of the process | "
+                    f"{mmm(m['simpo_over_sigmoid_peak_rss'], '{:.2f}')} | |",
+                    f"| {key} | simpo / sigmoid, what the build adds (policy weights {m['policy_weights_mb']:.0f} MiB) "
+                    f"| {mmm(q, '{:.2f}')} | {ok(q)} |"]
+    return out
+
+
 RENDERERS = {"train_throughput": throughput, "probe_overhead": overhead, "probe_vs_paper": versus_paper,
-             "scaling": scaling, "lora": lora, "before_after": before_after}
+             "scaling": scaling, "lora": lora, "sampling": sampling, "before_after": before_after}
 
 
 def render(results: Path) -> str:
@@ -182,7 +244,7 @@ def render(results: Path) -> str:
         path = results / f"{name}.json"
         if path.is_file():
             found[name] = json.loads(path.read_text())
-    for name in ("train_throughput", "probe_overhead", "probe_vs_paper", "scaling", "lora", "before_after"):
+    for name in ("train_throughput", "probe_overhead", "probe_vs_paper", "scaling", "lora", "sampling", "before_after"):
         if name in found:
             lines += RENDERERS[name](found[name]) + [""]
     notes = results / "NOTES.md"  # the hand-written reading of the figures

@@ -5,7 +5,8 @@
 Results go to ``benchmarks/results/*.json`` and ``benchmarks/results/RESULTS.md`` (``--out`` elsewhere). The whole
 set took about 40 minutes on the shared 2-core CPU it was written on (load average 2-5 from other jobs); ``--quick``
 about 4 (the ~20M model, few steps: for development); ``lora`` (a fresh process per system and round) adds about 12
-(``--quick`` 4-5). ``benchmarks/before_after.py`` (the fixes' A/B, about 12 minutes) is not part of the set:
+(``--quick`` 4-5); ``sampling`` (generation vs plain ``model.generate``, the on-policy step split, SimPO memory)
+about 6. ``benchmarks/before_after.py`` (the fixes' A/B, about 12 minutes) is not part of the set:
 ``--only before_after`` runs it.
 """
 
@@ -20,7 +21,7 @@ from collections.abc import Sequence
 from benchmarks import report
 from benchmarks.common import RESULTS
 
-BENCHMARKS = ("train_throughput", "probe_vs_paper", "probe_overhead", "scaling", "lora")
+BENCHMARKS = ("train_throughput", "probe_vs_paper", "probe_overhead", "scaling", "lora", "sampling")
 OPTIONAL = ("before_after",)
 
 

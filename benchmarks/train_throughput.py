@@ -48,6 +48,7 @@ import lightning as L
 import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader
+from transformers import TrainerCallback
 
 from benchmarks.common import (
     add_common_args,
@@ -114,6 +115,22 @@ class StepTimer(L.Callback):
         self.losses.append(outputs["loss"].detach())
 
 
+class HFStepTimer(TrainerCallback):
+    """Wall time from ``on_step_begin`` to ``on_step_end`` of every Hugging Face ``Trainer`` step (both after the batch
+    is fetched, like Lightning's hooks in ``StepTimer``)."""
+
+    def __init__(self, device: str):
+        self.device, self.times, self._start = device, [], 0.0
+
+    def on_step_begin(self, *a, **kw) -> None:
+        sync(self.device)
+        self._start = time.perf_counter()
+
+    def on_step_end(self, *a, **kw) -> None:
+        sync(self.device)
+        self.times.append(time.perf_counter() - self._start)
+
+
 def lightning_precision(dtype: str) -> str:
     return "bf16-mixed" if dtype == "bf16" else "32-true"
 
@@ -154,24 +171,11 @@ def dynlab_runner(module, args: argparse.Namespace, root: str) -> Callable[[list
 def trl_runner(algo: str, policy, reference, tokenizer, args: argparse.Namespace, pairs: int,
                root: str) -> Callable[[list[list[dict]], int], list[float]]:
     from datasets import Dataset
-    from transformers import TrainerCallback
     from transformers.trainer_callback import PrinterCallback
 
     cuda = args.device.startswith("cuda")
 
-    class HFStepTimer(TrainerCallback):
-        def __init__(self):
-            self.times, self._start = [], 0.0
-
-        def on_step_begin(self, *a, **kw):
-            sync(args.device)
-            self._start = time.perf_counter()
-
-        def on_step_end(self, *a, **kw):
-            sync(args.device)
-            self.times.append(time.perf_counter() - self._start)
-
-    timer = HFStepTimer()
+    timer = HFStepTimer(args.device)
     common = dict(output_dir=root, learning_rate=LR, weight_decay=0.0, lr_scheduler_type="constant", warmup_steps=0,
                   max_grad_norm=CLIP, max_steps=1, bf16=args.dtype == "bf16", fp16=False,
                   gradient_checkpointing=False, gradient_accumulation_steps=1, logging_strategy="no",

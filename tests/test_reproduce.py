@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 
 import pytest
+import yaml
 
 from dynlab.reproduce import DEFAULT_STAGES, stage_runs
 from tests.conftest import CONFIGS, SHARED_PROBE_FILE, run_dynlab
@@ -33,8 +34,9 @@ def hh_slice(tmp_path_factory) -> Path:
     return path
 
 
-def reproduce(cwd: Path, data: Path, *extra: str, out: str = "out") -> subprocess.CompletedProcess:
-    return run_dynlab("reproduce", "--data", str(data), "--out", out, *TINY, *extra, cwd=cwd, timeout=900)
+def reproduce(cwd: Path, data: Path, *extra: str, out: str = "out", env: dict | None = None
+              ) -> subprocess.CompletedProcess:
+    return run_dynlab("reproduce", "--data", str(data), "--out", out, *TINY, *extra, cwd=cwd, timeout=900, env=env)
 
 
 @pytest.fixture(scope="module")
@@ -168,11 +170,27 @@ def test_missing_data_file_is_one_line(tmp_path):
 
 def test_stages_and_lr_scale_pick_and_scale(reproduced, hh_slice, tmp_path):
     """``--stages sft,dpo`` runs SFT -> DPO alone (in a fresh --out); ``--lr-scale`` multiplies every stage's learning
-    rate; a stage without its parent and a bad scale are refused in one line."""
-    proc = reproduce(tmp_path, hh_slice, "--stages", "dpo,sft,dpo_onpolicy", "--lr-scale", "2")
+    rate; a stage without its parent and a bad scale are refused in one line. The stages are make compare-onpolicy's:
+    off-policy DPO, SPIN, online DPO (ranked by the judge DYNLAB_RANKER names) and SPPO, each from the same SFT export
+    with the same steps, and the overlay figure draws all four."""
+    family = ["sft", "dpo", "dpo_onpolicy", "dpo_online", "dpo_sppo"]
+    proc = reproduce(tmp_path, hh_slice, "--stages", "dpo,sft,dpo_onpolicy,dpo_online,dpo_sppo", "--lr-scale", "2",
+                     env={"DYNLAB_RANKER": "hf:tiny"})
     assert proc.returncode == 0, proc.stderr[-3000:]
     runs = stage_runs(tmp_path / "out")
-    assert list(runs) == ["sft", "dpo", "dpo_onpolicy"]
+    assert list(runs) == family
+    model = {name: yaml.safe_load((run / "config.yaml").read_text(encoding="utf-8"))["model"]["init_args"]
+             for name, run in runs.items()}
+    assert len({model[n]["init_from"] for n in family[1:]}) == 1
+    assert model["dpo_online"]["pairs"] == "policy_ranked" and model["dpo_online"]["ranker"] == "hf:tiny"
+    assert model["dpo_sppo"]["loss_type"] == "sppo_hard" and model["dpo"]["loss_type"] == "sigmoid"
+    rows = [json.loads(line) for f in sorted((runs["dpo_online"] / "samples").glob("step_*_rank0.jsonl"))
+            for line in f.read_text(encoding="utf-8").splitlines()]
+    assert rows and all(len(r["samples"]) == 2 and "wins" in r for r in rows)
+    plot = run_dynlab("plot", *(str(runs[n]) for n in family[1:]), "--out", str(tmp_path / "figures"),
+                      cwd=tmp_path, timeout=300)
+    assert plot.returncode == 0, plot.stderr[-2000:]
+    assert (tmp_path / "figures" / "overlay.png").stat().st_size > 10_000
     onpolicy = runs.pop("dpo_onpolicy")  # the same DPO from the SFT export, y- sampled from the policy (§15)
     assert "negatives: policy" in (onpolicy / "config.yaml").read_text(encoding="utf-8")
     assert any((onpolicy / "samples").glob("step_*_rank0.jsonl"))
@@ -188,7 +206,7 @@ def test_stages_and_lr_scale_pick_and_scale(reproduced, hh_slice, tmp_path):
     # the recorded stages are kept when another subset runs beside them
     again = reproduce(tmp_path, hh_slice, "--stages", "sft", "--lr-scale", "2")
     assert again.returncode == 0 and "sft already finished" in again.stderr
-    assert list(stage_runs(tmp_path / "out")) == ["sft", "dpo", "dpo_onpolicy"]
+    assert list(stage_runs(tmp_path / "out")) == family
     for bad, message in ((("--stages", "dpo"), "starts from stage sft"), (("--stages", "sft,ppo"), "unknown stage"),
                          (("--lr-scale", "0"), "--lr-scale")):
         proc = reproduce(tmp_path, hh_slice, *bad, out="refused")

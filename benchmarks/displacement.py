@@ -1,0 +1,97 @@
+"""What the displacement diagnostics (CHES, edit statistics, rate ratios) add to a probe evaluation.
+
+    python -m benchmarks.displacement [--rounds 3] [--quick] [--device cuda]
+
+The embedded default's probe sets (configs/dpo.yaml's data: the synthetic set, probe_train and probe_test of 16
+prompts x 11 types) scored by ``probe_step`` on SmolLM2-135M-Instruct, three arms alternated round by round (the order
+rotates): ``off`` (``probe_displacement`` turned off on the module), ``on`` (the steady state: the edit statistics
+were computed at an earlier evaluation and are cached) and ``on_cold`` (the first evaluation of a run: the edit cache
+cleared first, so the Levenshtein distances are computed too). Reported: the median seconds of each arm and the
+ratios of the medians ``on / off`` and ``on_cold / off``, checked against the target of 1.05.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+from collections.abc import Sequence
+from typing import Any
+
+from benchmarks.common import (
+    REPO,
+    add_common_args,
+    machine_info,
+    model_spec,
+    ratio_summary,
+    rotate,
+    setup_torch,
+    summary,
+    timed,
+    verdict,
+    write_result,
+)
+from benchmarks.train_throughput import quiet_libraries
+
+TARGET_RATIO = 1.05
+
+
+def measure(args: argparse.Namespace) -> dict[str, Any]:
+    import yaml
+    from lightning.fabric.utilities.apply_func import move_data_to_device
+
+    from dynlab.data import ProbeDataModule
+    from dynlab.modules import SFTModule
+
+    data_cfg = yaml.safe_load((REPO / "configs" / "dpo.yaml").read_text())["data"]["init_args"]
+    module = SFTModule(policy=model_spec(args.model)).to(args.device)
+    module.policy.eval()
+    data = ProbeDataModule(**data_cfg)
+    data.prepare(module.tokenizer, "sft")
+    module.init_probe_state(data)
+    batches = {s: [move_data_to_device(b, args.device) for b in data.probe_dataloader(s)] for s in data.probe_types}
+
+    def evaluate(arm: str) -> None:
+        module.probe_displacement = arm != "off"
+        if arm == "on_cold":
+            module.pair_edit_cache.clear()
+        for split, split_batches in batches.items():
+            for batch in split_batches:
+                module.probe_step(split, batch)
+        module.compute_probe_metrics()
+
+    for arm in ("off", "on"):  # warm-up (and the edit cache filled)
+        evaluate(arm)
+    times: dict[str, list[float]] = {"off": [], "on": [], "on_cold": []}
+    for i in range(args.rounds):
+        for arm in rotate(list(times), i):
+            times[arm].append(timed(lambda arm=arm: evaluate(arm), args.device)[0])
+        print(f"  round {i}: " + ", ".join(f"{a} {t[-1]:.2f}s" for a, t in times.items()), flush=True)
+    ratio, cold = ratio_summary(times["on"], times["off"]), ratio_summary(times["on_cold"], times["off"])
+    return {"probe_rows": sum(len(v) for v in data.probe_examples.values()),
+            "probe_types": len(next(iter(data.probe_types.values()))),
+            "seconds": {arm: summary(t) for arm, t in times.items()},
+            "ratio_on_off": ratio, "ratio_cold_off": cold,
+            "verdict_on_off": verdict(ratio["median"], TARGET_RATIO, higher_is_better=False),
+            "verdict_cold_off": verdict(cold["median"], TARGET_RATIO, higher_is_better=False),
+            "median_extra_seconds": statistics.median(times["on"]) - statistics.median(times["off"])}
+
+
+def main(argv: Sequence[str] | None = None) -> dict:
+    parser = add_common_args(argparse.ArgumentParser(description=__doc__.splitlines()[0]))
+    parser.add_argument("--model", default="smollm2", choices=("smollm2", "llama20m"))
+    parser.add_argument("--rounds", type=int, default=3, help="alternated rounds (each arm once per round)")
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.model = "llama20m"
+    setup_torch(args)
+    quiet_libraries()
+    result = {"benchmark": "displacement", "machine": machine_info(args),
+              "settings": {"model": args.model, "rounds": args.rounds}, **measure(args)}
+    print(f"probe evaluation with / without the displacement diagnostics: {result['ratio_on_off']['median']:.4f} "
+          f"(first evaluation {result['ratio_cold_off']['median']:.4f}; target <= {TARGET_RATIO})", flush=True)
+    write_result(args.out, "displacement", result)
+    return result
+
+
+if __name__ == "__main__":
+    main()
