@@ -4,6 +4,7 @@
     dynlab fit --config configs/dpo.yaml --print_config
     dynlab plot RUN_DIR [RUN_DIR ...] --out DIR
     dynlab probe build --source synthetic --split test --size 100 --out probe_test.jsonl
+    dynlab probe diagnose --config configs/dpo.yaml --out pairs.parquet   (training pairs ranked by CHES)
 """
 
 from __future__ import annotations
@@ -255,7 +256,8 @@ class DynlabCLI(LightningCLI):
                 saved = Path(trainer.log_dir or ".", "probes", f"probe_{split}.jsonl")
                 if saved.is_file():
                     hp[f"probe_{split}_file"] = str(saved)
-        self.datamodule.prepare(self.model.tokenizer, self.model.training_view, self.model.generate)
+        self.datamodule.prepare(self.model.tokenizer, self.model.training_view, self.model.generate,
+                                self.model.score_pairs)
 
     before_fit = before_validate = before_test = _prepare_data
 
@@ -319,7 +321,8 @@ def plot_command(argv: Sequence[str]) -> None:
 
 
 def probe_command(argv: Sequence[str]) -> None:
-    """``dynlab probe build``: write a probe set in the paper's probe jsonl format from any preference source."""
+    """``dynlab probe build``: write a probe set in the paper's probe jsonl format from any preference source.
+    ``dynlab probe diagnose``: rank a run's training pairs by their likelihood-displacement scores."""
     parser = argparse.ArgumentParser(prog="dynlab probe", description=probe_command.__doc__)
     sub = parser.add_subparsers(dest="action", required=True)
     build = sub.add_parser("build", help="build a probe split and write it as jsonl")
@@ -341,7 +344,15 @@ def probe_command(argv: Sequence[str]) -> None:
     build.add_argument("--initial-model", default=None,
                        help="sample chosen_initial from this model (a ModelSpec name_or_path)")
     build.add_argument("--out", required=True, help="output .jsonl")
+    diagnose = sub.add_parser("diagnose", help="score every training pair (CHES, edit distance) under the initial "
+                                               "model and write a table ranked by normalised CHES")
+    diagnose.add_argument("--config", action="append", required=True,
+                          help="the run's config file(s), as given to dynlab fit (repeat to stack)")
+    diagnose.add_argument("--out", required=True, help="output table, .jsonl or .parquet")
+    diagnose.add_argument("--batch-size", type=int, default=8, help="pairs per forward")
     args = parser.parse_args(argv)
+    if args.action == "diagnose":
+        return diagnose_pairs(args.config, args.out, args.batch_size)
     from dynlab.data.datamodule import ProbeDataModule
     from dynlab.tracking.trajectory import write_jsonl
 
@@ -364,6 +375,36 @@ def probe_command(argv: Sequence[str]) -> None:
     rows = dm.build_probe_sets(tokenizer, generate=generate, splits=[args.split])[args.split]
     out = write_jsonl(args.out, rows)
     print(f"{out}: {len(rows)} rows, types {[t for t in rows[0] if t != 'prompt'] if rows else []}")
+
+
+def diagnose_pairs(configs: Sequence[str], out: str, batch_size: int = 8) -> Path:
+    """``dynlab probe diagnose``: every training pair of the run ``configs`` describe, scored under its initial
+    model (CHES, normalised CHES, edit distance; see ``dynlab.metrics.displacement``) and written ranked by normalised
+    CHES, highest (most displacing) first: the pairs ``data.drop_most_displacing`` would drop come first. The model
+    and data module are built as ``dynlab fit`` builds them (``init_from`` included); nothing is trained or written
+    besides ``out``. Training rows without a rejected response are left out."""
+    from dynlab.modules.base import PairScoringProgress
+    from dynlab.tracking.trajectory import write_table
+
+    if batch_size < 1:
+        raise InputError(f"must be at least 1, got {batch_size}", field="--batch-size")
+    if Path(out).suffix not in (".jsonl", ".parquet"):
+        raise InputError(f"the table is written as .jsonl or .parquet, got {out!r}", field="--out")
+    args = [x for config in configs for x in ("--config", config)]
+    check_config_files(args)
+    quiet_noise()
+    cli = DynlabCLI(args=args, run=False)
+    pairs = cli.datamodule.training_pairs(cli.model.tokenizer)
+    if not pairs:
+        raise InputError("no training row has a rejected response: there is no pair to score", field="data.source")
+    scores = cli.model.score_pairs(pairs, batch_size, progress=PairScoringProgress("probe diagnose", after_s=0.0))
+    table = sorted(({"rank": 0, "index": s["index"], "prompt": p["prompt"], **s} for p, s in zip(pairs, scores)),
+                   key=lambda r: (-r["ches_norm"], r["index"]))
+    for rank, row in enumerate(table):
+        row["rank"] = rank
+    path = write_table(out, table)
+    print(f"{path}: {len(table)} training pairs ranked by normalised CHES, most displacing first")
+    return path
 
 
 def sweep_command(argv: Sequence[str]) -> None:
@@ -426,6 +467,7 @@ SUBCOMMANDS = {"plot": plot_command, "probe": probe_command, "sweep": sweep_comm
                "toy": _lazy("dynlab.dynamics.toy_cli", "toy_command"),
                "generate": _lazy("dynlab.evaluation.cli", "generate_command"),
                "judge": _lazy("dynlab.evaluation.cli", "judge_command"),
+               "reward-model": _lazy("dynlab.evaluation.reward_model", "main"),
                "report": _lazy("dynlab.evaluation.html_report", "main"),
                "reproduce": _lazy("dynlab.reproduce", "main")}
 
@@ -485,12 +527,13 @@ OVERVIEW = {
     "plot": "paper-style PNG figures from one or more runs' probe trajectories",
     "report": "one self-contained HTML page: signatures, figures, curves, configs, probe examples",
     "reproduce": "the paper's picture on real data: SFT and ExtendSFT, DPO from each, signatures, report",
-    "probe": "build a probe set in the paper's jsonl format (probe build ...)",
+    "probe": "build a probe set (probe build ...) or rank training pairs by CHES (probe diagnose ...)",
     "sweep": "run a W&B sweep YAML locally, one dynlab fit per trial, with a summary table",
     "slurm": "write (and --submit) an sbatch script running dynlab fit or sweep on N nodes",
     "toy": "the squeezing effect on a linear softmax model, and Prop. 1 on 8x8 digits",
     "generate": "greedy and sampled responses of a model to a prompt set, with a repetition table",
     "judge": "pairwise preference between two sets of responses (win rate with a bootstrap CI)",
+    "reward-model": "fit a reward model's head (Bradley-Terry, frozen backbone) for --judge rm:DIR",
 }
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Literal
 
 import lightning as L
@@ -25,6 +26,8 @@ from dynlab.data.tokenize import (
     keep_prompt_end,
 )
 from dynlab.errors import InputError
+from dynlab.metrics.displacement import top_fraction
+from dynlab.tracking.trajectory import write_jsonl
 
 log = logging.getLogger(__name__)
 
@@ -133,6 +136,11 @@ class ProbeDataModule(L.LightningDataModule):
         response_truncation: ``error`` (default) or ``keep_start`` for responses that still do not fit.
         seed: seed of the synthetic data and of the probe construction.
         num_workers: DataLoader workers.
+        drop_most_displacing: drop this fraction of the training pairs, those with the highest normalised CHES
+            under the initial policy (Razin et al. 2024's filter against likelihood displacement), in [0, 1): before
+            training and before the probe sets are built (probe_train's prompts and irr_train come from the kept
+            pairs); rows without a rejected response are never dropped. The run logs the count and writes
+            RUN_DIR/dropped_pairs.jsonl (source row index, prompt, scores).
     """
 
     def __init__(
@@ -162,6 +170,7 @@ class ProbeDataModule(L.LightningDataModule):
         response_truncation: ResponseTruncation = "error",
         seed: int = 0,
         num_workers: int = 0,
+        drop_most_displacing: float = 0.0,
     ):
         super().__init__()
         # refused here, before anything is read or written (jsonargparse builds the data module before the run)
@@ -176,6 +185,9 @@ class ProbeDataModule(L.LightningDataModule):
                 hint = {"num_train": " (null reads every row)", "probe_size": off, "probe_train_size": off,
                         "probe_test_size": off}.get(name, "")
                 raise InputError(f"must be at least {least}, got {value}{hint}", field=f"data.{name}")
+        if not 0 <= drop_most_displacing < 1:
+            raise InputError(f"must be in [0, 1) (a fraction of the training pairs), got {drop_most_displacing}",
+                             field="data.drop_most_displacing")
         if max_prompt_length >= max_length:
             raise InputError(f"must be less than data.max_length ({max_length}), got {max_prompt_length}: a cut prompt "
                              "must leave room for the response", field="data.max_prompt_length")
@@ -191,16 +203,23 @@ class ProbeDataModule(L.LightningDataModule):
         self.probe_examples: dict[str, list[dict]] = {}
         self.probe_types: dict[str, list[str]] = {}
         self.probe_rows: dict[str, list[dict]] = {}  # the probe texts, in the paper's probe jsonl format
+        self.dropped_pairs: list[dict] = []  # drop_most_displacing's pairs, highest normalised CHES first
+        self._dropped_written = False
 
     # ---- building -------------------------------------------------------------------------------------------------
-    def prepare(self, tokenizer, view: TrainingView, generate: Callable[..., list[str]] | None = None) -> None:
+    def prepare(self, tokenizer, view: TrainingView, generate: Callable[..., list[str]] | None = None,
+                score: Callable[[list[dict]], list[dict]] | None = None) -> None:
         """Read, validate and tokenize everything; raises InputError before any run file is written.
 
-        ``generate(prompt_ids, max_new_tokens=, seed=)`` samples from the initial policy (for chosen_initial).
+        ``generate(prompt_ids, max_new_tokens=, seed=)`` samples from the initial policy (for chosen_initial);
+        ``score(pairs)`` scores ``training_pairs`` under it (``CausalLMModule.score_pairs``, for
+        drop_most_displacing).
         """
         if self._prepared_for == (id(tokenizer), view):
             return
         train_rows, heldout_rows = self._read_rows(tokenizer, view)
+        if self.hp.get("drop_most_displacing", 0.0) > 0:
+            train_rows = self._drop_most_displacing(tokenizer, train_rows, score)
         pad = tokenizer.pad_token_id
         self._collate = DPOCollator(pad) if view == "dpo" else SFTCollator(pad)
         self.train_examples = self._training_view(tokenizer, train_rows, view)
@@ -212,6 +231,34 @@ class ProbeDataModule(L.LightningDataModule):
             self.probe_types[split] = [t for t in rows[0] if t != "prompt"] if rows else []
             self.probe_examples[split] = [self._encode(tokenizer, r, i, *origin) for i, r in enumerate(rows)]
         self._prepared_for = (id(tokenizer), view)
+
+    def training_pairs(self, tokenizer, rows: list[dict] | None = None) -> list[dict]:
+        """The training rows that have a rejected response, tokenized as probe rows: ``{"index" (the row's place
+        among the training rows), "prompt" (its text), "prompt_ids", "responses": {"chosen", "rejected"}}`` (what
+        ``score`` takes)."""
+        if rows is None:
+            rows = self._read_rows(tokenizer)[0]
+        return [{**self._encode(tokenizer, {k: r[k] for k in ("prompt", "chosen", "rejected")}, i, self.hp.source),
+                 "prompt": r["prompt"]} for i, r in enumerate(rows) if isinstance(r.get("rejected"), str)]
+
+    def _drop_most_displacing(self, tokenizer, rows: list[dict],
+                              score: Callable[[list[dict]], list[dict]] | None) -> list[dict]:
+        """``rows`` without the top ``drop_most_displacing`` fraction of its pairs by normalised CHES. Every rank
+        scores every pair (the same weights and code give every rank the same ranking; no collective is needed
+        before the process group exists)."""
+        fraction = self.hp.drop_most_displacing
+        if score is None:
+            raise InputError("drop_most_displacing needs the initial policy to score the training pairs (run through "
+                             "dynlab fit)", field="data.drop_most_displacing")
+        pairs = self.training_pairs(tokenizer, rows)
+        scores = score(pairs)
+        drop = {pairs[i]["index"]: scores[i] for i in top_fraction([s["ches_norm"] for s in scores], fraction)}
+        self.dropped_pairs = [{"index": i, "prompt": rows[i]["prompt"], **{k: v for k, v in s.items() if k != "index"}}
+                              for i, s in drop.items()]
+        self._dropped_written = False
+        log.warning("data.drop_most_displacing=%g: dropped %d of %d training pairs (the highest normalised CHES under "
+                    "the initial policy); listed in RUN_DIR/dropped_pairs.jsonl", fraction, len(drop), len(pairs))
+        return [r for i, r in enumerate(rows) if i not in drop]
 
     def build_probe_sets(self, tokenizer, train_rows: list[dict] | None = None, heldout_rows: list[dict] | None = None,
                          generate: Callable[..., list[str]] | None = None,
@@ -319,9 +366,15 @@ class ProbeDataModule(L.LightningDataModule):
                 for i, (p, k) in enumerate(examples)]
 
     def setup(self, stage: str) -> None:
+        module = self.trainer.lightning_module
         if self._prepared_for is None:
-            module = self.trainer.lightning_module
-            self.prepare(module.tokenizer, module.training_view, module.generate)
+            self.prepare(module.tokenizer, module.training_view, module.generate, getattr(module, "score_pairs", None))
+        if self.dropped_pairs and not self._dropped_written:
+            # every rank asks (log_dir is a collective under DDP), rank 0 writes: the run directory exists by now
+            run_dir = Path(self.trainer.log_dir or self.trainer.default_root_dir)
+            if self.trainer.is_global_zero:
+                write_jsonl(run_dir / "dropped_pairs.jsonl", self.dropped_pairs)
+            self._dropped_written = True
 
     # ---- loaders --------------------------------------------------------------------------------------------------
     def _shard(self, dataset: Sequence) -> ShardSampler:

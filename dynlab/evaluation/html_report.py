@@ -175,7 +175,8 @@ def config_section(run_dirs: Sequence[Path], labels: Sequence[str]) -> str:
 # ---- 4. training curves -------------------------------------------------------------------------------------------
 def curve_panels(columns: Sequence[str]) -> dict[str, list[str]]:
     """metrics.csv columns grouped into panels: ``train/loss``, ``train/rewards`` (accuracy apart), ``train/logps``,
-    the learning rate (LearningRateMonitor's ``lr-*``) and the probe pairs' margins and accuracies."""
+    the learning rate (LearningRateMonitor's ``lr-*``) and the probe pairs' margins, accuracies and displacement
+    diagnostics (CHES, edit distance, rate ratio)."""
     panels: dict[str, list[str]] = {}
     for column in columns:
         parts = column.split("/")
@@ -186,8 +187,11 @@ def curve_panels(columns: Sequence[str]) -> dict[str, list[str]]:
         elif column.startswith("lr-") or parts[-1] in ("lr", "learning_rate"):
             name = "learning rate"
         elif parts[0] == "probe" and len(parts) == 3:  # probe/{split}/{margin,reward_margin,...}: per-pair means
+            metric = parts[-1]
             name = {"margin": "probe margin (log π(y⁺) − log π(y⁻))", "reward_margin": "probe reward margin"}.get(
-                parts[-1], "probe accuracy" if "accuracy" in parts[-1] else "probe " + parts[-1])
+                metric, "probe accuracy" if "accuracy" in metric else "probe CHES" if metric.startswith("ches")
+                else "probe edit distance" if metric.startswith(("edit", "first_diff"))
+                else "probe rate ratio" if metric.startswith("rate_ratio") else "probe " + metric)
         else:
             continue
         panels.setdefault(name, []).append(column)

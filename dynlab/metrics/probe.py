@@ -1,5 +1,6 @@
-"""torchmetrics accumulators over probe examples: per-sequence statistics of one probe type, and preference
-margins/accuracies of chosen vs rejected. Sum/count states reduced with "sum", so DDP equals one process.
+"""torchmetrics accumulators over probe examples: per-sequence statistics of one probe type, preference
+margins/accuracies of chosen vs rejected, and the pairs' displacement diagnostics (CHES, edit distance, rate ratio).
+Sum/count states reduced with "sum", so DDP equals one process.
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ import torch
 from torch import Tensor
 from torchmetrics import Metric
 
+from dynlab.metrics.displacement import PAIR_STATS, RATE_MIN_ABS_CHANGE, rate_ratio
 from dynlab.metrics.functional import SEQUENCE_METRICS
 
 
@@ -153,4 +155,80 @@ class PreferenceMetric(Metric):
         if self.reward_count > 0:
             out["reward_margin"] = (self.reward_margin_sum / self.reward_count).float()
             out["reward_accuracy"] = (self.rewarded / self.reward_count).float()
+        return out
+
+
+class DisplacementMetric(Metric):
+    """Means over probe pairs of the displacement diagnostics (``dynlab.metrics.displacement``), and rate ratios.
+
+    - ``ches``, ``ches_norm``, ``edit_distance``, ``edit_distance_norm``, ``first_diff``: means over pairs
+    - ``rate_ratio`` = mean(Delta log pi(y-)) / mean(Delta log pi(y+)), Delta since step 0: the ratio of the means
+      (one pair whose y+ barely moved cannot dominate it); left out while |mean Delta log pi(y+)| <
+      ``min_abs_change`` (at step 0 it is 0)
+    - ``rate_ratio_pair_mean``: the mean of the per-pair ratios, each NaN and left out of the mean where its own
+      |Delta log pi(y+)| < ``min_abs_change`` (``displacement.rate_ratio``); left out when no pair has one
+    - ``rate_ratio_step`` and ``rate_ratio_step_pair_mean``: the same with Delta since the previous evaluation
+
+    Args:
+        min_abs_change: the guard on |Delta log pi(y+)| in nats.
+        kwargs: passed to ``torchmetrics.Metric``.
+
+    Example:
+        >>> import torch
+        >>> metric = DisplacementMetric()
+        >>> stats = {name: torch.tensor([1.0, 3.0]) for name in PAIR_STATS}
+        >>> metric.update(stats, since_start=(torch.tensor([-1.0, 0.0]), torch.tensor([-3.0, -1.0])))
+        >>> {k: round(v.item(), 4) for k, v in metric.compute().items()}  # doctest: +NORMALIZE_WHITESPACE
+        {'ches': 2.0, 'ches_norm': 2.0, 'edit_distance': 2.0, 'edit_distance_norm': 2.0, 'first_diff': 2.0,
+         'rate_ratio': 4.0, 'rate_ratio_pair_mean': 3.0}
+    """
+
+    full_state_update = False
+    higher_is_better = None  # diagnostics, not scores
+    is_differentiable = False
+
+    RATES = ("rate_ratio", "rate_ratio_step")
+
+    def __init__(self, min_abs_change: float = RATE_MIN_ABS_CHANGE, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.min_abs_change = min_abs_change
+        self.add_state("sums", torch.zeros(len(PAIR_STATS), dtype=torch.float64), dist_reduce_fx="sum")
+        self.add_state("count", torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
+        # per rate: [sum delta chosen, sum delta rejected, pairs, sum of the defined per-pair ratios, their count]
+        self.add_state("rates", torch.zeros(len(self.RATES), 5, dtype=torch.float64), dist_reduce_fx="sum")
+
+    def update(self, stats: dict[str, Tensor], since_start: tuple[Tensor, Tensor] | None = None,
+               since_previous: tuple[Tensor, Tensor] | None = None) -> None:
+        """Add a batch of pairs.
+
+        Args:
+            stats: every name of ``PAIR_STATS`` -> (B,) per-pair values.
+            since_start: ``(delta_chosen (B,), delta_rejected (B,))`` log-prob changes since step 0, if known.
+            since_previous: the same since the previous evaluation, if known.
+        """
+        if sorted(stats) != sorted(PAIR_STATS):
+            raise ValueError(f"DisplacementMetric.update: expected the statistics {PAIR_STATS}, got {sorted(stats)}")
+        _check_1d_same_shape(**stats)
+        self.sums += torch.stack([stats[n].detach().double().sum() for n in PAIR_STATS]).to(self.sums)
+        self.count += stats[PAIR_STATS[0]].numel()
+        for i, deltas in enumerate((since_start, since_previous)):
+            if deltas is None:
+                continue
+            dc, dr = (d.detach().double() for d in deltas)
+            _check_1d_same_shape(delta_chosen=dc, delta_rejected=dr)
+            ratios = rate_ratio(dr, dc, self.min_abs_change).double()
+            defined = ~torch.isnan(ratios)
+            self.rates[i] += torch.stack([dc.sum(), dr.sum(), dc.new_tensor(dc.numel()),
+                                          ratios[defined].sum(), defined.sum().to(dc)]).to(self.rates)
+
+    def compute(self) -> dict[str, Tensor]:
+        """The means (float32 scalars); a name without pairs, or a rate ratio that is undefined, is left out."""
+        out = {}
+        if self.count > 0:
+            out.update({n: (self.sums[i] / self.count).float() for i, n in enumerate(PAIR_STATS)})
+        for name, (dc, dr, n, ratio_sum, defined) in zip(self.RATES, self.rates):
+            if n > 0 and (dc / n).abs() >= self.min_abs_change:
+                out[name] = (dr / dc).float()
+            if defined > 0:
+                out[f"{name}_pair_mean"] = (ratio_sum / defined).float()
         return out

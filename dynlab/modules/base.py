@@ -4,12 +4,14 @@ injection, probe evaluation (at step 0 and every N steps), logging and the final
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import sys
 import tempfile
 import time
 import warnings
 from collections import defaultdict
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -18,13 +20,15 @@ import torch
 from lightning.fabric.utilities.apply_func import move_data_to_device
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
+from lightning.pytorch.utilities import rank_zero_only
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from torch import Tensor, nn
 
 from dynlab.errors import InputError
 from dynlab.losses.logps import segment_sum, token_logps
+from dynlab.metrics.displacement import PAIR_STATS, ches, pair_edit_stats, pair_hidden_sums, rate_ratio
 from dynlab.metrics.functional import SEQUENCE_METRICS, ANormReduction, sequence_stats, token_stats
-from dynlab.metrics.probe import PreferenceMetric, ProbeTypeMetric
+from dynlab.metrics.probe import DisplacementMetric, PreferenceMetric, ProbeTypeMetric
 from dynlab.models.adapter import AdapterSpec, apply_adapter, as_adapter_spec, merged_state_dict
 from dynlab.models.forward import lm_head, response_hidden, shared_prompt_hidden_rows
 from dynlab.models.generate import generate_responses
@@ -69,6 +73,29 @@ class ProbeProgress:
               f"{elapsed:.0f} s elapsed", file=sys.stderr, flush=True)
 
 
+class PairScoringProgress:
+    """Progress of scoring training pairs (``CausalLMModule.score_pairs``), as ``ProbeProgress``: whole lines on
+    stderr, one each time another tenth of the pairs is done, once scoring runs longer than ``after_s`` seconds."""
+
+    def __init__(self, what: str, enabled: bool = True, after_s: float | None = None):
+        self.what, self.enabled = what, enabled
+        self.after_s = PROBE_PROGRESS_AFTER_S if after_s is None else after_s
+        self.start, self._shown = time.monotonic(), -1
+
+    def __call__(self, done: int, total: int) -> None:
+        elapsed = time.monotonic() - self.start
+        tenth = done * 10 // max(total, 1)
+        if not self.enabled or elapsed < self.after_s or tenth <= self._shown:
+            return
+        self._shown = tenth
+        print(f"dynlab: {self.what}: {done}/{total} pairs, {elapsed:.0f} s elapsed", file=sys.stderr, flush=True)
+
+
+def _plain(name: str, value: Tensor) -> float | int:
+    """A per-pair statistic as a Python number: the counts (edit distance, first differing position) as ints."""
+    return int(value.item()) if name in ("edit_distance", "first_diff") else value.item()
+
+
 def uses_fsdp(trainer: L.Trainer | None) -> bool:
     """Whether the trainer shards the policy with FSDP (its weights are gathered per forward call)."""
     return trainer is not None and "FSDP" in type(trainer.strategy).__name__
@@ -104,6 +131,11 @@ class CausalLMModule(L.LightningModule):
             ``paper`` (the original code's A_o, sqrt(V (mean_m ||pi_m||)^2 + V - 2), to compare with its figures).
         adapter: train a LoRA adapter (peft) instead of the full weights (configs/lora.yaml); the export is then
             both RUN_DIR/export (merged weights, a plain model) and RUN_DIR/adapter (the adapter alone).
+        activation_checkpointing: recompute each decoder layer's activations in backward instead of storing them
+            (HF gradient checkpointing, non-reentrant): the same loss and gradients for about a third more compute
+            and far less activation memory (``dynlab.models.memory``). It applies in training mode only, so probe
+            evaluation and the reference keep their KV caches. Under FSDP prefer the strategy's own
+            ``activation_checkpointing_policy`` (configs/strategies/fsdp.yaml sets it); both would checkpoint twice.
     """
 
     training_view: ClassVar[str] = "sft"
@@ -120,6 +152,7 @@ class CausalLMModule(L.LightningModule):
         dropout: bool = False,
         a_norm: ANormReduction = "token_mean",
         adapter: AdapterSpec | None = None,
+        activation_checkpointing: bool = False,
     ):
         super().__init__()
         # refused here, before any weights load: jsonargparse builds the module before the run directory exists
@@ -145,6 +178,14 @@ class CausalLMModule(L.LightningModule):
             base_name = str(Path(init_from).resolve()) if init_from is not None else self.spec.name_or_path
             self._peft.append(apply_adapter(self.policy, adapter, base_name=base_name))
             self.policy = self._peft[0].get_base_model()
+        if activation_checkpointing:
+            # transformers 5 calls it activation_checkpointing_enable (gradient_checkpointing_enable is deprecated)
+            enable = getattr(self.policy, "activation_checkpointing_enable", None)
+            (enable or self.policy.gradient_checkpointing_enable)({"use_reentrant": False})
+            if adapter is not None and not getattr(self.policy, "_require_grads_hooks", None):
+                # the frozen embeddings' output must require grad for peft's checkpointed layers (transformers 5
+                # hooks it already; 4.x does only for adapters it loaded itself)
+                self.policy.enable_input_require_grads()
         self.optimizer_factory, self.scheduler_factory = optimizer, scheduler
         self.probe_metrics = nn.ModuleDict()
         self.preference_metrics = nn.ModuleDict()
@@ -180,14 +221,18 @@ class CausalLMModule(L.LightningModule):
         self.init_probe_state(self.trainer.datamodule)
 
     def init_probe_state(self, datamodule: Any) -> None:
-        """One metric per (split, probe type), one preference metric per split, and empty step-0 baselines."""
+        """One metric per (split, probe type), one preference and one displacement metric per split, and empty step-0
+        baselines and previous-evaluation log-probs."""
         self.probe_types = dict(datamodule.probe_types)
+        self.pair_edit_cache.clear()  # keyed by probe row: this data module's rows may be others
         for split, types in self.probe_types.items():
             for t in types:
                 self.probe_metrics[f"{split}__{t}"] = ProbeTypeMetric()
             self.preference_metrics[f"{split}__pairs"] = PreferenceMetric(beta=getattr(self.hparams, "beta", 0.1))
+            self.preference_metrics[f"{split}__displacement"] = DisplacementMetric()
             n = len(datamodule.probe_examples[split])
             self._baseline.setdefault(split, torch.full((n, len(types)), float("nan")))
+            self._previous_logp.setdefault(split, torch.full((n, len(types)), float("nan")))
 
     def configure_optimizers(self) -> Any:
         params = [p for p in self.policy.parameters() if p.requires_grad]
@@ -255,6 +300,7 @@ class CausalLMModule(L.LightningModule):
         vocab = self.policy.get_output_embeddings().weight.shape[0]  # V, for the paper's A_o
         # the batch's rows together: each prompt once, every row's responses grouped by length across rows (with
         # a whole batch to choose from, groups stay large at 10% padding)
+        pair_sums: dict[tuple[int, str], Tensor] = {}  # (probe row, chosen|rejected) -> (H,) float64 sum of states
         for members, hidden, targets, seq_index in shared_prompt_hidden_rows(self.policy, batch["prompt_ids"],
                                                                              batch["responses"], max_padding=0.1):
             seq = sequence_stats(self._chunked_token_stats(hidden, targets), seq_index, len(members),
@@ -263,6 +309,8 @@ class CausalLMModule(L.LightningModule):
                 for m in SEQUENCE_METRICS:
                     per_type[name][m].append(seq[m][j : j + 1])
                 per_type[name]["row"].append(torch.tensor([index[k]]))
+            if self.probe_displacement:
+                pair_sums.update(pair_hidden_sums(members, hidden, seq_index, index))
         results = {}
         for name, lists in per_type.items():
             order = torch.cat(lists["row"]).argsort()  # row order, so types line up row by row (chosen/rejected)
@@ -274,6 +322,11 @@ class CausalLMModule(L.LightningModule):
             ref = baseline[rows, column].to(values["logp"])
             if not torch.isnan(ref).any():  # dlogp and rewards need the step-0 log-probs
                 values["dlogp"], values["ref_logp"] = values["logp"] - ref, ref
+            previous = self._previous_logp.get(split)
+            if previous is not None and not torch.isnan(previous[rows, column]).any():
+                values["dlogp_previous"] = values["logp"] - previous[rows, column].to(values["logp"])
+            if self._current_logp is not None:  # this evaluation's log-probs: the next one's "previous"
+                self._current_logp[split][rows, column] = values["logp"].float().cpu()
             self.probe_metrics[f"{split}__{name}"].update({m: values[m] for m in (*SEQUENCE_METRICS, "dlogp")
                                                            if m in values})
             results[name] = values
@@ -281,7 +334,100 @@ class CausalLMModule(L.LightningModule):
             c, r = results["chosen"], results["rejected"]
             pairs = self.preference_metrics[f"{split}__pairs"]
             pairs.update(c["logp"], r["logp"], c.get("ref_logp"), r.get("ref_logp"))
+            if self.probe_displacement:
+                self._pair_diagnostics(split, batch, pair_sums, c, r)
+        for values in results.values():
+            values.pop("dlogp_previous", None)
         return results
+
+    def _pair_diagnostics(self, split: str, batch: dict, pair_sums: dict[tuple[int, str], Tensor],
+                          chosen: dict[str, Tensor], rejected: dict[str, Tensor]) -> None:
+        """CHES, edit statistics and rate ratios of the batch's pairs: added to ``chosen`` as per-pair columns
+        (``PAIR_STATS``, ``rate_ratio`` since step 0 and ``rate_ratio_step`` since the previous evaluation, each once
+        known) and to the split's ``DisplacementMetric``.
+
+        The rate ratio since the previous evaluation reads that evaluation's log-probs kept by the module
+        (``_previous_logp``, checkpointed), not the trajectory store: the store is written by rank 0 only and may be
+        absent (``dynlab validate``), while the kept values are on every rank and survive a resume.
+        """
+        rows = chosen["row"].tolist()
+        position = {row: k for k, row in enumerate(batch["index"].tolist())}
+        responses = [batch["responses"][position[row]] for row in rows]
+        sums = [torch.stack([pair_sums[(row, t)] for row in rows]) for t in ("chosen", "rejected")]  # 2 x (B, H)
+        lengths = [torch.tensor([r[t].numel() for r in responses]) for t in ("chosen", "rejected")]  # 2 x (B,)
+        stats = dict(zip(("ches", "ches_norm"), ches(sums[0], sums[1], lengths[0], lengths[1])))
+        cache = self.pair_edit_cache.setdefault(split, {})  # the token ids never change: edits computed once per pair
+        missing = [row for row in rows if row not in cache]
+        if missing:
+            new = pair_edit_stats([batch["responses"][position[row]]["chosen"].tolist() for row in missing],
+                                  [batch["responses"][position[row]]["rejected"].tolist() for row in missing])
+            cache.update({row: {m: v[i] for m, v in new.items()} for i, row in enumerate(missing)})
+        for m in PAIR_STATS[2:]:
+            stats[m] = torch.stack([cache[row][m] for row in rows])
+        device = chosen["logp"].device
+        stats = {m: v.to(device) for m, v in stats.items()}
+        deltas = {}
+        for name, key in (("rate_ratio", "dlogp"), ("rate_ratio_step", "dlogp_previous")):
+            if key in chosen and key in rejected:
+                deltas[name] = (chosen[key], rejected[key])
+                stats[name] = rate_ratio(rejected[key], chosen[key])
+        self.preference_metrics[f"{split}__displacement"].update(
+            {m: stats[m] for m in PAIR_STATS}, deltas.get("rate_ratio"), deltas.get("rate_ratio_step"))
+        chosen.update(stats)
+
+    @torch.no_grad()
+    def score_pairs(self, pairs: Sequence[dict], batch_size: int = 8,
+                    progress: Callable[[int, int], None] | None = None) -> list[dict]:
+        """CHES, normalised CHES and the edit statistics of preference pairs under the current policy, with the probe
+        evaluation's hidden-state forward (each prompt once, no vocabulary projection), in eval mode, without grad.
+
+        Args:
+            pairs: ``{"index", "prompt_ids", "responses": {"chosen": ids, "rejected": ids}}`` (the data module's
+                ``training_pairs``).
+            batch_size: pairs per forward.
+            progress: called as ``progress(done, total)`` after each batch; default: a ``PairScoringProgress`` on
+                rank 0.
+
+        Returns:
+            One dict per pair, in order: ``index``, every name of ``PAIR_STATS``, ``chosen_len``, ``rejected_len``.
+            A policy on the CPU is scored on the GPU when one is there (``LOCAL_RANK``'s), and moved back.
+        """
+        if batch_size < 1:
+            raise InputError(f"must be at least 1, got {batch_size}", field="batch_size")
+        if progress is None:
+            progress = PairScoringProgress("scoring pairs under the initial policy", enabled=rank_zero_only.rank == 0)
+        device = self.policy.device
+        if device.type == "cpu" and torch.cuda.is_available():
+            device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+        home, was_training = self.policy.device, self.policy.training
+        self.policy.to(device).eval()
+        out: list[dict] = []
+        try:
+            for start in range(0, len(pairs), batch_size):
+                self.stop_if_asked()
+                batch = pairs[start : start + batch_size]
+                prompts = [torch.tensor(p["prompt_ids"], device=device) for p in batch]
+                responses = [{t: torch.tensor(p["responses"][t], device=device) for t in ("chosen", "rejected")}
+                             for p in batch]
+                sums: dict[tuple[int, str], Tensor] = {}
+                for members, hidden, _, seq_index in shared_prompt_hidden_rows(self.policy, prompts, responses,
+                                                                               max_padding=0.1):
+                    sums.update(pair_hidden_sums(members, hidden, seq_index, range(len(batch))))
+                lengths = {t: torch.tensor([len(p["responses"][t]) for p in batch]) for t in ("chosen", "rejected")}
+                scores = dict(zip(("ches", "ches_norm"), ches(
+                    torch.stack([sums[(k, "chosen")] for k in range(len(batch))]).cpu(),
+                    torch.stack([sums[(k, "rejected")] for k in range(len(batch))]).cpu(),
+                    lengths["chosen"], lengths["rejected"])))
+                scores.update(pair_edit_stats([p["responses"]["chosen"] for p in batch],
+                                              [p["responses"]["rejected"] for p in batch]))
+                for k, p in enumerate(batch):
+                    out.append({"index": p["index"], **{m: _plain(m, scores[m][k]) for m in PAIR_STATS},
+                                "chosen_len": len(p["responses"]["chosen"]),
+                                "rejected_len": len(p["responses"]["rejected"])})
+                progress(len(out), len(pairs))
+        finally:
+            self.policy.to(home).train(was_training)
+        return out
 
     def _chunked_token_stats(self, hidden: Tensor, targets: Tensor) -> dict[str, Tensor]:
         # at most one (chunk, V) float32 tensor is live at a time
@@ -309,6 +455,21 @@ class CausalLMModule(L.LightningModule):
 
     _recording_baseline = False
     probe_eval_seconds = 0.0  # wall time spent in run_probe_evaluation during this fit
+    _current_logp: dict[str, Tensor] | None = None  # split -> (rows, types) logp of the evaluation in progress
+    # CHES, edit statistics and rate ratios of the probe pairs in every probe evaluation (benchmarks/displacement.py
+    # turns them off on an instance to measure what they cost)
+    probe_displacement: ClassVar[bool] = True
+
+    @property
+    def _previous_logp(self) -> dict[str, Tensor]:
+        """split -> (rows, types) logp at the previous completed probe evaluation (NaN where unknown)."""
+        return self.__dict__.setdefault("_previous_logp_state", {})
+
+    @property
+    def pair_edit_cache(self) -> dict[str, dict[int, dict[str, Tensor]]]:
+        """split -> probe row -> its pair's edit statistics, computed at the first evaluation (they depend on the
+        token ids alone); ``clear()`` it to compute them again."""
+        return self.__dict__.setdefault("_pair_edit_cache", {})
 
     def run_probe_evaluation(self) -> None:
         """Evaluate every probe split now (all ranks take part), log the means at the current step and write the
@@ -326,6 +487,7 @@ class CausalLMModule(L.LightningModule):
         was_training = self.policy.training
         self.policy.eval()
         self._recording_baseline = bool(self._baseline) and all(torch.isnan(b).all() for b in self._baseline.values())
+        self._current_logp = {split: torch.full_like(b, float("nan")) for split, b in self._baseline.items()}
         records: list[dict] = []
         try:
             for split in self.probe_types:
@@ -342,20 +504,20 @@ class CausalLMModule(L.LightningModule):
                 for b in self._baseline.values():
                     b.fill_(float("nan"))
                 self._recording_baseline = False
+            self._current_logp = None  # the previous evaluation stays the previous one
             for metric in (*self.probe_metrics.values(), *self.preference_metrics.values()):
                 metric.reset()
             self.policy.train(was_training)
             raise
         if self._recording_baseline:  # each rank saw its shard: combine, NaN where a rank had nothing
             for split, b in self._baseline.items():
-                known = (~torch.isnan(b)).to(self.device, torch.float32)
-                total = self.trainer.strategy.reduce(torch.nan_to_num(b).to(self.device), reduce_op="sum")
-                count = self.trainer.strategy.reduce(known, reduce_op="sum")
-                self._baseline[split] = torch.where(count > 0, total / count.clamp(min=1), float("nan")).cpu()
+                self._baseline[split] = self._combine_ranks(b)
             self._recording_baseline = False
             if self.trainer.is_global_zero:
                 for split, rows in datamodule.probe_rows.items():
                     write_probe_set(self.run_dir, split, rows)
+        current, self._current_logp = self._current_logp, None
+        self._previous_logp.update({split: self._combine_ranks(b) for split, b in current.items()})
         self.policy.train(was_training)
         self._last_probe_step = self.global_step
         records = gather_objects(records)
@@ -367,6 +529,13 @@ class CausalLMModule(L.LightningModule):
         for logger in self.loggers:
             logger.log_metrics({k: v.item() for k, v in metrics.items()}, step=self.global_step)
         self.trainer.callback_metrics.update(metrics)  # so checkpoint callbacks can monitor probe metrics
+
+    def _combine_ranks(self, values: Tensor) -> Tensor:
+        """Per-row values each rank filled for its shard (NaN elsewhere) -> the whole table on every rank (CPU)."""
+        known = (~torch.isnan(values)).to(self.device, torch.float32)
+        total = self.trainer.strategy.reduce(torch.nan_to_num(values).to(self.device), reduce_op="sum")
+        count = self.trainer.strategy.reduce(known, reduce_op="sum")
+        return torch.where(count > 0, total / count.clamp(min=1), float("nan")).cpu()
 
     def _probe_due(self) -> bool:
         every = self.hparams.probe_every_n_steps
@@ -402,11 +571,14 @@ class CausalLMModule(L.LightningModule):
         checkpoint["dynlab_probe_baseline"] = {split: torch.full_like(b, float("nan")) if recording else b.clone()
                                                for split, b in self._baseline.items()}
         checkpoint["dynlab_last_probe_step"] = self._last_probe_step
+        # complete by construction: an evaluation in progress fills _current_logp, swapped in once it is done
+        checkpoint["dynlab_probe_previous_logp"] = {split: b.clone() for split, b in self._previous_logp.items()}
         checkpoint["dynlab_unlogged_row"] = self._step_row_not_yet_logged()
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         self._baseline.update(checkpoint.get("dynlab_probe_baseline", {}))
         self._last_probe_step = checkpoint.get("dynlab_last_probe_step", -1)
+        self._previous_logp.update(checkpoint.get("dynlab_probe_previous_logp", {}))
         self._unlogged_row = checkpoint.get("dynlab_unlogged_row")
 
     def on_train_start(self) -> None:

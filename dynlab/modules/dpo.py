@@ -257,7 +257,9 @@ class DPOModule(CausalLMModule):
         if self.pairs == "policy_ranked":
             self.ranking_judge()
         if self.ref_logps is None and self._reference:
-            self.reference.to(self.device)
+            # the policy's device and dtype (bf16-true converts the policy, not the reference outside the module
+            # tree): at step 0 the two give bitwise the same log-probs
+            self.reference.to(self.device, dtype=next(self.policy.parameters()).dtype)
         if self.hparams.precompute_ref_logps and self.ref_logps is None:
             self.ref_logps = self._precompute_ref_logps()
         if self.ref_logps is not None:

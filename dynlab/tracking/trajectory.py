@@ -18,6 +18,8 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from dynlab.errors import InputError
+
 TRAJECTORY_DIR = Path("probes") / "trajectory"
 DYNAMICS_DIR = Path("probes") / "dynamics"  # DynamicsCallback's gradient-similarity matrices
 KEY_COLUMNS = ("step", "split", "type", "row")
@@ -93,6 +95,26 @@ def write_jsonl(path: str | os.PathLike, rows: Iterable[Mapping]) -> Path:
                 f.write(json.dumps(dict(row), ensure_ascii=False) + "\n")
         os.replace(tmp, out)
     finally:  # a row that cannot be written leaves neither a partial file nor the temporary one
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return out
+
+
+def write_table(path: str | os.PathLike, rows: Sequence[Mapping]) -> Path:
+    """Write rows as ``.jsonl`` or ``.parquet`` (by the extension), atomically; another extension is an InputError."""
+    out = Path(path)
+    if out.suffix == ".jsonl":
+        return write_jsonl(out, rows)
+    if out.suffix != ".parquet":
+        raise InputError(f"{out.name}: the table is written as .jsonl or .parquet, not {out.suffix or 'no extension'}",
+                         field="--out")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}-", suffix=".parquet")
+    os.close(fd)
+    try:
+        pq.write_table(pa.Table.from_pandas(pd.DataFrame([dict(r) for r in rows]), preserve_index=False), tmp)
+        os.replace(tmp, out)
+    finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
     return out
