@@ -541,7 +541,7 @@ def print_overview(file=sys.stdout) -> None:
     """``dynlab --help``: every subcommand, one line each (``dynlab SUBCOMMAND --help`` gives its options)."""
     print("usage: dynlab SUBCOMMAND [options]   (dynlab SUBCOMMAND --help for its options)\n\nsubcommands:", file=file)
     for name, line in OVERVIEW.items():
-        print(f"  {name:<10}{line}", file=file)
+        print(f"  {name:<14}{line}", file=file)
 
 
 class _DropLogRecords(logging.Filter):

@@ -16,7 +16,7 @@ from tests.conftest import CONFIGS, run_dynlab
 def test_help_lists_every_subcommand_one_line_each(capsys):
     main(["--help"])
     out = capsys.readouterr().out
-    listed = {m.group(1): m.group(2) for m in re.finditer(r"^  (\w+) +(\S.*)$", out, flags=re.M)}
+    listed = {m.group(1): m.group(2) for m in re.finditer(r"^  ([\w-]+) +(\S.*)$", out, flags=re.M)}
     assert set(listed) == {"fit", "validate", "test", *SUBCOMMANDS}
     assert all(len(line) < 110 for line in out.splitlines())
 

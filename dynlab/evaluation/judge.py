@@ -93,6 +93,17 @@ def parse_verdict(reply: str) -> Verdict | None:
 # --- judges ---------------------------------------------------------------------------------------------------------
 
 
+def reward_text(tokenizer: Any, prompt: str, response: str) -> str:
+    """The text a reward model scores for (prompt, response): the tokenizer's chat template of (user: prompt,
+    assistant: response) when it has one, else the two concatenated (HH style). Training (``dynlab reward-model``)
+    and scoring (:class:`RewardModelJudge`) both use it, so their inputs match."""
+    if getattr(tokenizer, "chat_template", None):
+        return tokenizer.apply_chat_template(
+            [{"role": "user", "content": display_prompt(prompt)}, {"role": "assistant", "content": response}],
+            tokenize=False)
+    return prompt + response
+
+
 class ChatJudge:
     """A chat backend asked in words (temperature 0); the reply is parsed by :func:`parse_verdict`.
 
@@ -199,11 +210,7 @@ class RewardModelJudge:
         self._scores: dict[tuple[str, str], float] = {}
 
     def text(self, prompt: str, response: str) -> str:
-        if getattr(self.tokenizer, "chat_template", None):
-            return self.tokenizer.apply_chat_template(
-                [{"role": "user", "content": display_prompt(prompt)}, {"role": "assistant", "content": response}],
-                tokenize=False)
-        return prompt + response
+        return reward_text(self.tokenizer, prompt, response)
 
     @torch.no_grad()
     def score(self, pairs: Sequence[tuple[str, str]]) -> list[float]:
