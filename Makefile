@@ -55,14 +55,19 @@ reproduce: install
 	$(BIN)/dynlab reproduce --data $(DATA) --record benchmarks/results/reproduce.json $(REPRODUCE_ARGS)
 
 # The preference-loss family from one SFT export (PAPER_NOTES §1 "G per loss", §9.15): off-policy DPO, SPIN (y- sampled
-# from the policy), online DPO (both sampled, ranked by the embedded model as a logit judge; DYNLAB_RANKER=rm:PATH for a
-# reward model) and SPPO, on DATA at the quick size (SIZES= for the full recipe's); the overlay figure and the report in
-# runs/compare-onpolicy/. Reuses finished stages, like make reproduce.
+# from the policy), online DPO (both sampled, ranked by a reward model that `dynlab reward-model` first fits on SmolLM2's
+# frozen features from DATA's rows 80+, which the recipe does not use; DYNLAB_RANKER=... for another judge) and SPPO, at
+# the quick size (SIZES= for the full recipe's); the overlay figure and the report in runs/compare-onpolicy/. Reuses
+# finished stages and the reward model, like make reproduce. About 40 minutes on 2 idle CPU cores (16 of them the reward
+# model's features).
 SIZES ?= configs/reproduce/quick
 COMPARE_OUT ?= runs/compare-onpolicy
+REWARD_MODEL ?= $(COMPARE_OUT)/reward_model
 compare-onpolicy: install
-	$(BIN)/dynlab reproduce --data $(DATA) --out $(COMPARE_OUT) --stages sft,dpo,dpo_onpolicy,dpo_online,dpo_sppo \
-		$(if $(SIZES),--sizes $(SIZES)) $(REPRODUCE_ARGS)
+	test -f $(REWARD_MODEL)/reward_model.json || $(BIN)/dynlab reward-model --data $(DATA) --base embedded:smollm2-135m-instruct \
+		--rows 80: --out $(REWARD_MODEL)
+	DYNLAB_RANKER=$${DYNLAB_RANKER:-rm:$(REWARD_MODEL)} $(BIN)/dynlab reproduce --data $(DATA) --out $(COMPARE_OUT) \
+		--stages sft,dpo,dpo_onpolicy,dpo_online,dpo_sppo $(if $(SIZES),--sizes $(SIZES)) $(REPRODUCE_ARGS)
 	$(BIN)/dynlab plot $(addprefix $(COMPARE_OUT)/dpo/,from-sft onpolicy-from-sft online-from-sft sppo-from-sft) \
 		--out $(COMPARE_OUT)/figures
 
