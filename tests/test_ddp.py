@@ -64,3 +64,28 @@ def test_dynamics_callback_under_ddp_matches_one_process(tmp_path):
               for run in (one, two))
     assert len(d1) == 2 * 2 * 11  # steps 0 and 3 of 6, 2 rows x 11 types
     pd.testing.assert_frame_equal(d1, d2, rtol=1e-3, atol=1e-4)
+
+
+@pytest.mark.parametrize("stage", ["spin", "online_dpo"])
+def test_on_policy_sampling_under_ddp_each_rank_samples_its_shard(stage, tmp_path):
+    """negatives: policy and pairs: policy_ranked on 2 ranks: every step each rank samples (and ranks) the prompts of
+    its own shard with its own seed, keeps them in its own file, and the run logs and exports as one process does."""
+    import json
+
+    ranker = ("--model.init_args.ranker=hf:tiny",) if stage == "online_dpo" else ()
+    two, _ = fit(tmp_path / "two", stage, "--trainer.devices=2", "--trainer.strategy=ddp", "--trainer.max_steps=2",
+                 "--data.init_args.batch_size=2", "--model.init_args.probe_every_n_steps=2",
+                 "--model.init_args.sampling.max_new_tokens=6", *ranker)
+    for step in (0, 1):
+        files = [two / "samples" / f"step_{step:08d}_rank{rank}.jsonl" for rank in (0, 1)]
+        rows = [[json.loads(line) for line in f.read_text(encoding="utf-8").splitlines()] for f in files]
+        assert all(len(r) == 2 for r in rows), rows  # batch_size pairs per rank
+        indices = [{row["index"] for row in r} for r in rows]
+        assert not indices[0] & indices[1]  # disjoint shards
+        seeds = [{row["seed"] for row in r} for r in rows]
+        assert len(seeds[0]) == len(seeds[1]) == 1 and seeds[0] != seeds[1]
+        if stage == "online_dpo":
+            assert all(len(row["samples"]) == 2 and "wins" in row for r in rows for row in r)
+    m = metrics(two)
+    assert {0, 2} <= set(m.index) and "train/sample/length" in m.columns
+    assert (two / "export" / "model.safetensors").is_file()
