@@ -60,6 +60,13 @@ def test_every_reproduce_stage_parses_as_dynlab_reproduce_stacks_it(stage, scale
         if stage.name == "dpo_onpolicy":  # the same DPO, y- sampled from the policy: no cache for sampled responses
             assert cfg["trainer"]["max_steps"] == (10 if quick else 40) and init["precompute_ref_logps"] is False
             assert init["negatives"] == "policy" and init["sampling"]["max_new_tokens"] == (48 if quick else 64)
+        elif stage.name == "dpo_online":  # both responses sampled and ranked: no cache either
+            assert cfg["trainer"]["max_steps"] == (10 if quick else 40) and init["precompute_ref_logps"] is False
+            assert init["pairs"] == "policy_ranked" and init["sampling"]["num_samples"] == 2
+            assert init["ranker"]  # DYNLAB_RANKER, or the embedded model as a logit judge
+        elif stage.name == "dpo_sppo":  # the dataset's pairs under SPPO's square loss, the reference cached
+            assert cfg["trainer"]["max_steps"] == (10 if quick else 40) and init["precompute_ref_logps"] is True
+            assert init["loss_type"] == "sppo_hard"
         elif stage.base == "dpo":
             assert cfg["trainer"]["max_steps"] == (20 if quick else 40) and init["precompute_ref_logps"] is True
         else:
