@@ -91,8 +91,11 @@ def rss_mb() -> float:
 
 
 def peak_rss_mb() -> float:
-    """The process's resident high-water mark since it started, in MiB (``ru_maxrss`` is in KiB on Linux)."""
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    """The process's resident high-water mark since it started, in MiB: ``ru_maxrss`` (KiB on Linux), or ``VmHWM``
+    where that is higher (``ru_maxrss`` is updated lazily and can trail the resident set read just before it)."""
+    hwm = next(int(line.split()[1]) for line in Path("/proc/self/status").read_text().splitlines()
+               if line.startswith("VmHWM:"))
+    return max(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, hwm) / 1024
 
 
 # ---- models and batches ---------------------------------------------------------------------------------------------

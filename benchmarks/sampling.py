@@ -250,6 +250,7 @@ def run_worker(loss_type: str, model_name: str, round_index: int, args: argparse
 
     if loss_type not in LOSS_TYPES:
         raise SystemExit(f"unknown loss type {loss_type!r}; expected one of {', '.join(LOSS_TYPES)}")
+    Path("/proc/self/clear_refs").write_text("5")  # VmHWM := VmRSS: the peak is the build's, not an earlier one's
     rss_start = rss_mb()
     module = DPOModule(policy=bench_spec(model_name), loss_type=loss_type, beta=BETA, optimizer=adamw,
                        probe_every_n_steps=0)
