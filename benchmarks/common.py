@@ -234,3 +234,9 @@ def write_result(out_dir: Path, name: str, result: dict) -> Path:
 def verdict(value: float, target: float, higher_is_better: bool) -> dict[str, Any]:
     ok = value >= target if higher_is_better else value <= target
     return {"value": value, "target": (">= " if higher_is_better else "<= ") + f"{target:.3g}", "pass": bool(ok)}
+
+
+def with_verdict(ratio: dict[str, Any], target: float, higher_is_better: bool) -> dict[str, Any]:
+    """A ``ratio_summary`` with its median's ``target`` and ``pass`` (``verdict``) added beside it."""
+    v = verdict(ratio["median"], target, higher_is_better)
+    return {**ratio, "target": v["target"], "pass": v["pass"]}

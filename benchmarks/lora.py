@@ -60,7 +60,7 @@ from benchmarks.common import (
     rotate,
     setup_torch,
     summary,
-    verdict,
+    with_verdict,
     write_result,
 )
 from benchmarks.train_throughput import (
@@ -293,20 +293,16 @@ def aggregate(records: list[dict], memory: str) -> dict[str, Any]:
         q = ratio_summary(round_tps["dynlab_lora"], round_tps["trl_lora"])
         q["median"] = (out["systems"]["dynlab_lora"]["tokens_per_second"]["median"]
                        / out["systems"]["trl_lora"]["tokens_per_second"]["median"])
-        out["lora_over_trl_tokens_per_second"] = {**q, **_target(verdict(q["median"], TARGET_VS_TRL, True))}
+        out["lora_over_trl_tokens_per_second"] = with_verdict(q, TARGET_VS_TRL, True)
     if "dynlab_lora" in by and "dynlab_full" in by:
         q = ratio_summary([r[memory] for r in by["dynlab_lora"]], [r[memory] for r in by["dynlab_full"]])
-        out["lora_over_full_peak_memory"] = {**q, **_target(verdict(q["median"], TARGET_MEMORY, False))}
+        out["lora_over_full_peak_memory"] = with_verdict(q, TARGET_MEMORY, False)
         out["lora_over_full_step_seconds"] = ratio_summary(
             [statistics.median(r["step_seconds"]) for r in by["dynlab_lora"]],
             [statistics.median(r["step_seconds"]) for r in by["dynlab_full"]])
         out["lora_over_full_step_seconds"]["median"] = (out["systems"]["dynlab_lora"]["step_seconds"]["median"]
                                                         / out["systems"]["dynlab_full"]["step_seconds"]["median"])
     return out
-
-
-def _target(v: dict) -> dict:
-    return {k: x for k, x in v.items() if k != "value"}
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:

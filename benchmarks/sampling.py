@@ -54,7 +54,7 @@ from benchmarks.common import (
     setup_torch,
     summary,
     timed,
-    verdict,
+    with_verdict,
     write_result,
 )
 from benchmarks.lora import rss_mb
@@ -149,7 +149,7 @@ def compare_generation(model_name: str, args: argparse.Namespace, rows: list[dic
             "systems": {s: {"seconds": summary(seconds[s]), "cpu_seconds": summary(cpu_seconds[s]),
                             "generated_tokens": summary(tokens[s]), "tokens_per_second": summary(tps[s])}
                         for s in systems},
-            "dynlab_over_plain": {**ratio, **_target(verdict(ratio["median"], TARGET_VS_PLAIN, True))},
+            "dynlab_over_plain": with_verdict(ratio, TARGET_VS_PLAIN, True),
             # the same figure from CPU seconds: what the code costs, without the other processes' share of the cores
             "dynlab_over_plain_cpu_time": ratio_summary(cpu_tps["dynlab"], cpu_tps["plain"])}
 
@@ -310,15 +310,11 @@ def aggregate_memory(records: list[dict]) -> dict[str, Any]:
     out["simpo_over_sigmoid_peak_rss"] = ratio_summary([r["peak_rss_mb"] for r in by["simpo"]],
                                                        [r["peak_rss_mb"] for r in by["sigmoid"]])
     q = ratio_summary(adds["simpo"], adds["sigmoid"])
-    out["simpo_over_sigmoid_build_adds"] = {**q, **_target(verdict(q["median"], TARGET_MEMORY, False))}
+    out["simpo_over_sigmoid_build_adds"] = with_verdict(q, TARGET_MEMORY, False)
     if all(r["cuda_mb"] is not None for r in records):
         out["simpo_over_sigmoid_cuda"] = ratio_summary([r["cuda_mb"] for r in by["simpo"]],
                                                        [r["cuda_mb"] for r in by["sigmoid"]])
     return out
-
-
-def _target(v: dict) -> dict:
-    return {k: x for k, x in v.items() if k != "value"}
 
 
 # ---- the command line -----------------------------------------------------------------------------------------------
