@@ -203,6 +203,16 @@ def has_checkpoint(run_dir: Path) -> bool:
     return any((run_dir / "checkpoints").glob("*.ckpt")) or any(run_dir.glob("hpc_ckpt_*.ckpt"))
 
 
+def drop_checkpoints(run_dir: Path) -> int:
+    """Remove a finished stage's training checkpoints (weights and optimizer state, about three times its export):
+    later stages start from the export, and a finished stage is reused, never resumed. Returns the bytes freed."""
+    freed = 0
+    for ckpt in [*(run_dir / "checkpoints").glob("*.ckpt"), *run_dir.glob("hpc_ckpt_*.ckpt")]:
+        freed += ckpt.stat().st_size
+        ckpt.unlink()
+    return freed
+
+
 def refuse_if_live(run_dir: Path) -> None:
     from dynlab.tracking.loggers import live_holder
 
@@ -348,6 +358,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--record", help="also write the timing split and the signature results to this JSON file "
                         "(make reproduce: benchmarks/results/reproduce.json)")
     parser.add_argument("--fresh", action="store_true", help="delete this recipe's runs in --out and start over")
+    parser.add_argument("--keep-checkpoints", action="store_true", help="keep a finished stage's training checkpoints "
+                        "(by default they are removed once its export is whole: the export is what later stages and "
+                        "the report use, and the checkpoints are about three times its size)")
     args = parser.parse_args(argv)
 
     from dynlab.data.formats import _looks_local
@@ -394,6 +407,9 @@ def main(argv: Sequence[str] | None = None) -> None:
             print(f"dynlab reproduce: {stage.name} already finished in {runs[stage.name]}", file=sys.stderr)
         else:
             ran.add(stage.name)
+        if not args.keep_checkpoints and (freed := drop_checkpoints(runs[stage.name])):
+            print(f"dynlab reproduce: removed {stage.name}'s checkpoints ({freed / 2**20:.0f} MiB; its export "
+                  "stays; --keep-checkpoints keeps them)", file=sys.stderr)
 
     from dynlab.evaluation.html_report import main as report_main
     from dynlab.evaluation.signatures import check_signatures, signature_table

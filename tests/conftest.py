@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -28,6 +29,23 @@ LONGEST_FIRST = ("test_signatures.py", "test_lora_smollm2.py", "test_slow_smollm
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
     items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: a file's tests stay together, in order
+
+
+@pytest.fixture(scope="module")
+def module_tmp(tmp_path_factory: pytest.TempPathFactory, request: pytest.FixtureRequest):
+    """``module_tmp(name)``: a fresh directory for a module's shared runs, removed once the module's tests are done
+    unless one of them failed (like ``tmp_path_retention_policy = "failed"`` does for tmp_path). The SmolLM2 runs
+    write gigabytes (weights, optimizer state, exports); kept to the session's end, they filled a CI machine's disk."""
+    failed_before, made = request.session.testsfailed, []
+
+    def make(name: str) -> Path:
+        made.append(tmp_path_factory.mktemp(name))
+        return made[-1]
+
+    yield make
+    if request.session.testsfailed == failed_before:
+        for path in made:
+            shutil.rmtree(path, ignore_errors=True)
 
 
 @pytest.fixture

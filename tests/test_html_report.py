@@ -86,15 +86,15 @@ def fit(cwd: Path, stage: str, *extra: str) -> Path:
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory) -> list[Path]:
-    cwd = tmp_path_factory.mktemp("report_runs")
+def runs(module_tmp) -> list[Path]:
+    cwd = module_tmp("report_runs")
     sft = fit(cwd, "sft")
     return [sft, fit(cwd, "dpo", f"--model.init_args.init_from={sft / 'export'}")]
 
 
 @pytest.fixture(scope="module")
-def report(runs, tmp_path_factory) -> tuple[Path, str]:
-    out = tmp_path_factory.mktemp("report") / "report.html"
+def report(runs, module_tmp) -> tuple[Path, str]:
+    out = module_tmp("report") / "report.html"
     main(["report", *map(str, runs), "--out", str(out)])
     return out, out.read_text(encoding="utf-8")
 

@@ -38,10 +38,10 @@ def fit(stage: str, *extra: str) -> Path:
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory: pytest.TempPathFactory) -> SimpleNamespace:
+def runs(module_tmp) -> SimpleNamespace:
     """An SFT-LoRA run, and a DPO-LoRA run started from its adapter directory (the chain)."""
     cwd = Path.cwd()
-    os.chdir(tmp_path_factory.mktemp("lora"))
+    os.chdir(module_tmp.mktemp("lora"))
     try:
         sft = fit("sft")
         # the cached reference log-probs come from the adapter-disabled policy too (the live path: the dynamics fit)

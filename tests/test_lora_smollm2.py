@@ -29,10 +29,10 @@ SHOWN = {
 
 
 @pytest.fixture(scope="module")
-def lora_runs(tmp_path_factory) -> dict[str, Path]:
+def lora_runs(module_tmp) -> dict[str, Path]:
     if not SHARED_PROBE_FILE.is_file():
         pytest.skip(f"the shared HH rows are not at {SHARED_PROBE_FILE}")
-    cwd = tmp_path_factory.mktemp("lora")
+    cwd = module_tmp("lora")
     proc = run_dynlab("reproduce", "--data", str(SHARED_PROBE_FILE), "--sizes", str(CONFIGS / "reproduce" / "quick"),
                       "--stages", "sft,dpo", "--config", str(CONFIGS / "lora.yaml"), "--lr-scale", "10",
                       "--out", "out", cwd=cwd, timeout=2400)

@@ -24,11 +24,11 @@ TINY = ("--config", str(CONFIGS / "tiny.yaml"))
 
 
 @pytest.fixture(scope="module")
-def hh_slice(tmp_path_factory) -> Path:
+def hh_slice(module_tmp) -> Path:
     """The first 64 shared HH rows (the recipe reads 40 training and 40 held-out rows at most)."""
     if not SHARED_PROBE_FILE.is_file():
         pytest.skip(f"the shared HH rows are not at {SHARED_PROBE_FILE}")
-    path = tmp_path_factory.mktemp("hh") / "hh.jsonl"
+    path = module_tmp("hh") / "hh.jsonl"
     path.write_text("".join(SHARED_PROBE_FILE.read_text(encoding="utf-8").splitlines(keepends=True)[:64]),
                     encoding="utf-8")
     return path
@@ -40,9 +40,9 @@ def reproduce(cwd: Path, data: Path, *extra: str, out: str = "out", env: dict | 
 
 
 @pytest.fixture(scope="module")
-def reproduced(tmp_path_factory, hh_slice) -> tuple[Path, Path, str]:
-    cwd = tmp_path_factory.mktemp("reproduce")
-    proc = reproduce(cwd, hh_slice, "--record", "record.json")
+def reproduced(module_tmp, hh_slice) -> tuple[Path, Path, str]:
+    cwd = module_tmp("reproduce")
+    proc = reproduce(cwd, hh_slice, "--record", "record.json", "--keep-checkpoints")
     assert proc.returncode == 0, proc.stderr[-3000:]
     return cwd, cwd / "out", proc.stdout
 
@@ -54,6 +54,7 @@ def test_four_stages_report_signatures_and_timing(reproduced):
     for name, run in runs.items():
         assert (run / "export" / "config.json").is_file(), name
         assert (run / "timing.json").is_file(), name
+        assert (run / "checkpoints" / "last.ckpt").is_file(), name  # --keep-checkpoints
     # both DPO runs start from their stage-1 export (policy and reference)
     for stage, parent in (("dpo", "sft"), ("dpo_extend", "extend")):
         assert str(runs[parent] / "export") in (runs[stage] / "config.yaml").read_text(encoding="utf-8")
@@ -93,6 +94,10 @@ def test_rerun_reuses_and_resumes(reproduced, hh_slice):
         assert f"{stage} already finished" in proc.stderr
     assert f"resuming {DEFAULT_STAGES[-1]}" in proc.stderr
     assert (last / "export" / "config.json").is_file()
+    # without --keep-checkpoints a finished stage keeps its export, not its checkpoints (reused or just finished)
+    for stage, run in runs.items():
+        assert f"removed {stage}'s checkpoints" in proc.stderr
+        assert not list(run.rglob("*.ckpt")) and (run / "export" / "config.json").is_file(), stage
 
 
 def test_a_stage_run_again_runs_the_dpo_started_from_it_again(reproduced, hh_slice):

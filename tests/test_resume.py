@@ -123,9 +123,9 @@ def assert_same_run(resumed: Path, uninterrupted: Path) -> None:
 
 
 @pytest.fixture(scope="module")
-def uninterrupted(tmp_path_factory) -> Path:
+def uninterrupted(module_tmp) -> Path:
     """A 10-step run that never stopped (the same checkpoint cadence does not change its numbers)."""
-    cwd = tmp_path_factory.mktemp("uninterrupted")
+    cwd = module_tmp("uninterrupted")
     with pytest.MonkeyPatch.context() as mp:
         mp.chdir(cwd)
         mp.setenv("DYNLAB_RUN_VERSION", "whole")

@@ -35,10 +35,10 @@ SHOWN = {
 
 
 @pytest.fixture(scope="module")
-def reproduced(tmp_path_factory) -> list[Path]:
+def reproduced(module_tmp) -> list[Path]:
     if not SHARED_PROBE_FILE.is_file():
         pytest.skip(f"the shared HH rows are not at {SHARED_PROBE_FILE}")
-    cwd = tmp_path_factory.mktemp("reproduce")
+    cwd = module_tmp("reproduce")
     proc = run_dynlab("reproduce", "--data", str(SHARED_PROBE_FILE), "--sizes", str(CONFIGS / "reproduce" / "quick"),
                       "--stages", "sft,extend,dpo,dpo_extend,dpo_onpolicy", "--out", "out", cwd=cwd, timeout=2700)
     assert proc.returncode == 0, proc.stderr[-3000:]
