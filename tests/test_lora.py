@@ -41,7 +41,7 @@ def fit(stage: str, *extra: str) -> Path:
 def runs(module_tmp) -> SimpleNamespace:
     """An SFT-LoRA run, and a DPO-LoRA run started from its adapter directory (the chain)."""
     cwd = Path.cwd()
-    os.chdir(module_tmp.mktemp("lora"))
+    os.chdir(module_tmp("lora"))
     try:
         sft = fit("sft")
         # the cached reference log-probs come from the adapter-disabled policy too (the live path: the dynamics fit)
