@@ -13,6 +13,13 @@ On a shared machine the arms' wall times move by more than the diagnostics cost,
 diagnostics' own work inside one ``on`` and one ``on_cold`` evaluation (every call of the functions ``probe_step``
 uses for them, with the device synchronised: ``pair_hidden_sums``, ``ches``, ``pair_edit_stats``, ``rate_ratio`` and
 ``DisplacementMetric.update``): ``share`` = that time / the evaluation's time, the overhead as 1 + share.
+
+``--entanglement-pairs K`` also times the opt-in gradient entanglement (``model.probe_entanglement_pairs``:
+``gradient_entanglement``, two forward/backward passes per pair) on the first K probe pairs of each split, over every
+trainable parameter and over the last 4 decoder blocks: seconds per pair, next to one whole probe evaluation's
+seconds. ``--entanglement-only`` skips the arms above (minutes on SmolLM2 on the CPU).
+
+    python -m benchmarks.displacement --entanglement-pairs 4 --entanglement-only
 """
 
 from __future__ import annotations
@@ -69,6 +76,32 @@ def accounted_share(evaluate: Callable[[], None], device: str) -> dict[str, floa
     return {"evaluation_seconds": total, "diagnostics_seconds": spent[0], "share": spent[0] / (total - spent[0])}
 
 
+def entanglement_cost(module: Any, data: Any, pairs: int, device: str) -> dict[str, Any]:
+    """Seconds per pair of ``gradient_entanglement`` on the first ``pairs`` probe pairs of each split, every trainable
+    parameter (``all``) and the last 4 decoder blocks (``last_4_blocks``); one warm-up call first."""
+    from dynlab.dynamics.influence import gradient_entanglement, trainable_params
+
+    layers = module.policy.config.num_hidden_layers
+    last_4 = rf"layers\.({'|'.join(str(i) for i in range(layers - 4, layers))})\."
+    examples = [e for split in data.probe_types for e in sorted(data.probe_examples[split],
+                                                                key=lambda e: e["index"])[:pairs]]
+
+    def one(example: dict, pattern: str | None) -> None:
+        r = example["responses"]
+        gradient_entanglement(module.policy, example["prompt_ids"], r["chosen"], r["rejected"], params=pattern)
+
+    out = {}
+    for label, pattern in (("all", None), ("last_4_blocks", last_4)):
+        one(examples[0], pattern)
+        times = [timed(functools.partial(one, e, pattern), device)[0] for e in examples]
+        out[label] = {"pattern": pattern, "parameters": sum(p.numel() for p in trainable_params(module.policy,
+                                                                                                  pattern).values()),
+                      "seconds_per_pair": summary(times)}
+    out["tokens_per_pair"] = statistics.median(len(e["prompt_ids"]) + len(e["responses"]["chosen"])
+                                               + len(e["responses"]["rejected"]) for e in examples)
+    return out
+
+
 def measure(args: argparse.Namespace) -> dict[str, Any]:
     import yaml
     from lightning.fabric.utilities.apply_func import move_data_to_device
@@ -93,8 +126,14 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
                 module.probe_step(split, batch)
         module.compute_probe_metrics()
 
-    for arm in ("off", "on"):  # warm-up (and the edit cache filled)
+    for arm in ("on",) if args.entanglement_only else ("off", "on"):  # warm-up (and the edit cache filled)
         evaluate(arm)
+    entanglement = {}
+    if args.entanglement_pairs:
+        entanglement = {"entanglement": {"evaluation_seconds": timed(lambda: evaluate("on"), args.device)[0],
+                                         **entanglement_cost(module, data, args.entanglement_pairs, args.device)}}
+        if args.entanglement_only:
+            return {"probe_rows": sum(len(v) for v in data.probe_examples.values()), **entanglement}
     times: dict[str, list[float]] = {"off": [], "on": [], "on_cold": []}
     for i in range(args.rounds):
         for arm in rotate(list(times), i):
@@ -108,20 +147,33 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
             "ratio_on_off": ratio, "ratio_cold_off": cold,
             "verdict_on_off": verdict(ratio["median"], TARGET_RATIO, higher_is_better=False),
             "verdict_cold_off": verdict(cold["median"], TARGET_RATIO, higher_is_better=False),
-            "median_extra_seconds": statistics.median(times["on"]) - statistics.median(times["off"])}
+            "median_extra_seconds": statistics.median(times["on"]) - statistics.median(times["off"]), **entanglement}
 
 
 def main(argv: Sequence[str] | None = None) -> dict:
     parser = add_common_args(argparse.ArgumentParser(description=__doc__.splitlines()[0]))
     parser.add_argument("--model", default="smollm2", choices=("smollm2", "llama20m"))
     parser.add_argument("--rounds", type=int, default=3, help="alternated rounds (each arm once per round)")
+    parser.add_argument("--entanglement-pairs", type=int, default=0,
+                        help="also time gradient entanglement on this many probe pairs per split (0: not timed)")
+    parser.add_argument("--entanglement-only", action="store_true", help="time the entanglement alone")
     args = parser.parse_args(argv)
     if args.quick:
         args.model = "llama20m"
     setup_torch(args)
     quiet_libraries()
     result = {"benchmark": "displacement", "machine": machine_info(args),
-              "settings": {"model": args.model, "rounds": args.rounds}, **measure(args)}
+              "settings": {"model": args.model, "rounds": args.rounds, "entanglement_pairs": args.entanglement_pairs},
+              **measure(args)}
+    if "entanglement" in result:
+        e = result["entanglement"]
+        print("gradient entanglement per pair: " + ", ".join(
+            f"{label} {e[label]['seconds_per_pair']['median']:.3f}s ({e[label]['parameters']:,} parameters)"
+            for label in ("all", "last_4_blocks")) + f"; one probe evaluation {e['evaluation_seconds']:.2f}s",
+            flush=True)
+    if args.entanglement_only:
+        write_result(args.out, "entanglement", result)
+        return result
     print(f"probe evaluation with / without the displacement diagnostics: {result['ratio_on_off']['median']:.4f} "
           f"(first evaluation {result['ratio_cold_off']['median']:.4f}; target <= {TARGET_RATIO}); accounted: "
           + ", ".join(f"{arm} 1 + {a['share']:.4f}" for arm, a in result["accounted"].items()), flush=True)

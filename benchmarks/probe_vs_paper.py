@@ -12,6 +12,12 @@ Data: the first ``--rows`` rows of ``../shared/data/hh_probe/probe_test.jsonl`` 
 cut by the paper's policy (max length 512, prompt cut to 256, responses keep their start). The two methods alternate,
 ``--repeats`` times; the speed-up is the ratio of medians (min-max over the repeats' own ratios).
 
+Hardware ceiling: the FLOPs of dynlab's method (``probe_flops``: every prompt once and every response token through
+the transformer body, 2 x body parameters per token, and the vocabulary projection on response positions only,
+2 x H x V per response token; attention's context-length term is left out, as the training benchmark's 6N leaves it
+out) over its median time, as a fraction of the median FLOP/s of a large square matmul timed in the same run before
+each repeat (``benchmarks.train_throughput.matmul_peak``). Target on a CPU: >= 0.8.
+
 Peak memory, per probe row (dynlab's unit of work): dynlab's ``probe_step`` against a plain forward of the same
 batch, ``model(input_ids, attention_mask)`` on the row's 12 prompt+response sequences right-padded (its logits
 included), and the paper's method on the same row; measured on the longest rows of the subset.
@@ -47,6 +53,7 @@ MAX_LENGTH, MAX_PROMPT_LENGTH = 512, 256  # the paper's probe tokenisation
 TARGET_SPEEDUP = {"cpu": 2.0, "cuda": 10.0}
 TARGET_MEMORY = 1.5  # dynlab's peak over a plain forward of the same batch
 TARGET_AGREEMENT = 1e-5  # relative
+TARGET_PEAK_FRACTION = {"cpu": 0.8}  # of the matmul peak; not set for CUDA (fp32 probes on bf16 tensor cores)
 # float32 sums over hundreds of tokens differ by ~1e-6 relative between equally correct orders of summation; a
 # number that is itself ~0 (the entropy of a near one-hot distribution) is compared at this absolute floor
 ABS_FLOOR = 1e-6
@@ -137,6 +144,21 @@ def dynlab_probe_stats(module, examples: Sequence[dict], device: str,
     return out
 
 
+def probe_flops(model, examples: Sequence[dict]) -> dict[str, float]:
+    """FLOPs of dynlab's probe evaluation of ``examples``: 2 x (parameters - input embedding) per prompt token (once
+    per row) and per response token, plus 2 x H x V per response token for the vocabulary projection."""
+    embedding = model.get_input_embeddings().weight
+    vocab, hidden = embedding.shape
+    body = sum(p.numel() for p in model.parameters()) - embedding.numel()
+    head = model.get_output_embeddings().weight
+    if head.data_ptr() != embedding.data_ptr():  # untied: the head is not part of the body either
+        body -= head.numel()
+    prompt = sum(len(e["prompt_ids"]) for e in examples)
+    response = sum(len(r) for e in examples for r in e["responses"].values())
+    return {"body": 2.0 * body * (prompt + response), "vocabulary_projection": 2.0 * hidden * vocab * response,
+            "total": 2.0 * body * (prompt + response) + 2.0 * hidden * vocab * response}
+
+
 def paper_all(model, examples: Sequence[dict], device: str) -> dict[int, dict[str, dict[str, float]]]:
     return {e["index"]: paper_probe_stats(model, torch.tensor(e["prompt_ids"], device=device),
                                           {k: torch.tensor(v, device=device) for k, v in e["responses"].items()})
@@ -194,6 +216,19 @@ def memory(module, examples: Sequence[dict], types: Sequence[str], args: argpars
 
 
 # ---- main -----------------------------------------------------------------------------------------------------------
+def ceiling(flops: Mapping[str, float], seconds: Sequence[float], peaks: Sequence[float], kind: str) -> dict[str, Any]:
+    """dynlab's achieved FLOP/s (median time) as a fraction of the median matmul peak of the same run."""
+    achieved = flops["total"] / statistics.median(seconds)
+    out = {"definition": "probe_flops over dynlab's median seconds, over the median FLOP/s of a large square matmul "
+                         "timed before each repeat", "flops": dict(flops), "achieved_flops": achieved,
+           "matmul_peak_flops": summary(peaks), "fraction": achieved / statistics.median(peaks),
+           "per_repeat": [flops["total"] / t / p for t, p in zip(seconds, peaks)]}
+    if kind in TARGET_PEAK_FRACTION:
+        v = verdict(out["fraction"], TARGET_PEAK_FRACTION[kind], True)
+        out.update(target=v["target"], **{"pass": v["pass"]})
+    return out
+
+
 def main(argv: Sequence[str] | None = None) -> dict:
     parser = add_common_args(argparse.ArgumentParser(description=__doc__.splitlines()[0]))
     parser.add_argument("--model", default="smollm2", choices=("smollm2", "llama20m"))
@@ -211,9 +246,12 @@ def main(argv: Sequence[str] | None = None) -> dict:
     examples = encode_probe_rows(module.tokenizer, hh_rows(start=args.start, limit=args.rows), types)
     init_probe_state(module, examples, types)
 
-    dynlab_times, paper_times = [], []
+    from benchmarks.train_throughput import matmul_peak
+
+    dynlab_times, paper_times, peaks = [], [], []
     ours = paper = None
     for r in range(args.repeats):
+        peaks.append(matmul_peak(args)[args.dtype])
         order = ("paper", "dynlab") if r % 2 == 0 else ("dynlab", "paper")
         for method in order:
             if method == "paper":
@@ -236,6 +274,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
         "paper_seconds": summary(paper_times), "dynlab_seconds": summary(dynlab_times),
         "speedup": {"median": speedup, "min": min(per_repeat), "max": max(per_repeat), "per_repeat": per_repeat,
                     **{k: v for k, v in verdict(speedup, TARGET_SPEEDUP[kind], True).items() if k != "value"}},
+        "hardware_ceiling": ceiling(probe_flops(module.policy, examples), dynlab_times, peaks, kind),
         "agreement": agreement(ours, paper),
         "memory": memory(module, examples, types, args),
     }

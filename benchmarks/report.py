@@ -95,7 +95,11 @@ def versus_paper(r: dict) -> list[str]:
            f"| speed-up | {mmm(r['speedup'], '{:.2f}')} | {ok(r['speedup'])} |",
            f"| peak memory, dynlab / plain forward of the same row | {mmm(m['dynlab_over_plain'], '{:.2f}')} | "
            f"{ok(m)} |",
-           f"| largest relative difference, any metric | {a['overall']:.2g} | {ok(a)} |", "",
+           f"| largest relative difference, any metric | {a['overall']:.2g} | {ok(a)} |",
+           *([f"| FLOP/s over the same run's matmul peak | {c['fraction']:.2f} "
+              f"({c['achieved_flops'] / 1e9:.1f} of {c['matmul_peak_flops']['median'] / 1e9:.1f} GFLOP/s) | "
+              f"{ok(c) if 'pass' in c else 'not set on CUDA'} |"]
+             if (c := r.get("hardware_ceiling")) else []), "",
            "Largest relative difference per metric: "
            + ", ".join(f"{k} {v:.1g}" for k, v in a["max_relative_difference"].items()) + ".", "",
            "Peak memory per row (MiB): "

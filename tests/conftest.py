@@ -22,7 +22,8 @@ SHARED_PROBE_FILE = REPO.parent / "shared" / "data" / "hh_probe" / "probe_test.j
 
 # The longest files first: under `make test` (pytest -n auto --dist loadfile) a file that started last would run alone
 # at the end while the other workers idle.
-LONGEST_FIRST = ("test_signatures.py", "test_lora_smollm2.py", "test_slow_smollm2.py", "test_slurm.py", "test_ddp.py",
+LONGEST_FIRST = ("test_signatures.py", "test_lora_smollm2.py", "test_displacement_smollm2.py", "test_slow_smollm2.py",
+                 "test_slurm.py", "test_ddp.py", "test_fsdp.py",
                  "test_compare_extend.py")
 
 

@@ -163,12 +163,15 @@ class CPUFSDPStrategy(FSDPStrategy):
 
 
 @pytest.mark.parametrize("stage", ["sft", "dpo"])
-def test_probes_under_fsdp_are_refused_before_anything_is_written(stage, in_tmp, capsys):
+def test_gradient_entanglement_under_fsdp_is_refused_before_anything_is_written(stage, in_tmp, capsys):
+    """Probe evaluation runs under FSDP (tests/test_fsdp.py); its opt-in gradient entanglement, whose backward passes
+    run on the ranks holding the first K pairs only, does not."""
     strategy = f'--trainer.strategy={{"class_path": "{__name__}.CPUFSDPStrategy"}}'
     line = fails_with(capsys, fit_args(write_rows(in_tmp / "p.jsonl", [GOOD] * 5), strategy,
-                                       "--trainer.accelerator=cpu", "--trainer.devices=1", stage=stage))
-    assert line.startswith("dynlab: error: field 'trainer.strategy': probe evaluation under FSDP"), line
-    assert "probe_every_n_steps=0" in line and list(in_tmp.iterdir()) == [in_tmp / "p.jsonl"]  # no W&B run either
+                                       "--trainer.accelerator=cpu", "--trainer.devices=1",
+                                       "--model.init_args.probe_entanglement_pairs=1", stage=stage))
+    assert line.startswith("dynlab: error: field 'model.probe_entanglement_pairs': gradient entanglement under FSDP")
+    assert list(in_tmp.iterdir()) == [in_tmp / "p.jsonl"]  # no W&B run either
 
 
 def bad_checkpoints(root: Path) -> dict[str, tuple[Path, str]]:

@@ -46,3 +46,36 @@ def test_paper_method_agrees_with_dynlab_probe_scoring(tiny_probe_module):
     for r in ours:
         for t in types:
             assert abs(ours[r][t]["except_argmax_logp"] - paper[r][t]["except_argmax_logp"]) < 1e-5
+
+
+def test_probe_flops_counts_the_matmuls_dynlab_runs():
+    """The benchmark's FLOP count (its hardware-ceiling numerator) against torch's own count of the matrix products
+    dynlab's probe evaluation runs: equal up to the length groups' padding (at most 10% of the response tokens) and
+    the normalisation weights, which the count includes in the body's parameters."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from benchmarks.probe_vs_paper import probe_flops
+
+    if not SHARED_PROBE_FILE.is_file():
+        pytest.skip(f"no {SHARED_PROBE_FILE}")
+    module, types = probe_module(ModelSpec(name_or_path="tiny"), "cpu", torch.float32), list(PROBE_FILE_TYPES)
+    examples = encode_probe_rows(module.tokenizer, load_rows(str(SHARED_PROBE_FILE), format="probe")[:3], types)
+    init_probe_state(module, examples, types)
+    with FlopCounterMode(display=False) as counter:
+        dynlab_probe_stats(module, examples, "cpu", batch_size=3)
+    products = sum(n for op, n in counter.get_flop_counts()["Global"].items()
+                   if op.__name__.split(".")[0] in ("mm", "addmm", "bmm"))
+    counted = probe_flops(module.policy, examples)
+    assert counted["total"] == counted["body"] + counted["vocabulary_projection"]
+    assert 0.97 * counted["total"] <= products <= 1.12 * counted["total"], (products, counted)
+
+
+def test_probe_ceiling_runs_on_a_random_model_of_the_real_shape(tmp_path):
+    """benchmarks/probe_ceiling.py (the GPU machine's probe-evaluation figure: no weights or data files needed) on one
+    decoder layer of SmolLM2's shape, bf16 against fp32: a FLOP/s fraction and finite differences."""
+    from benchmarks.probe_ceiling import main as probe_ceiling
+
+    result = probe_ceiling(["--quick", "--layers", "1", "--dtype", "bf16", "--out", str(tmp_path)])
+    ceiling = result["hardware_ceiling"]
+    assert ceiling["flops"]["total"] > 0 and 0 < ceiling["fraction"] < 2 and "pass" in ceiling
+    assert result["bf16_against_fp32"]["finite"] and (tmp_path / "probe_ceiling.json").is_file()

@@ -168,3 +168,10 @@ def test_memory_table_has_a_row_per_model_and_setup():
     total = lambda line: float(line.split("|")[-2].split()[0])  # noqa: E731
     for m in MODELS:
         assert total(rows[m, "FSDP x8"]) < total(rows[m, "1 GPU"])
+
+
+def test_the_reference_is_bf16_under_fsdp_bf16_mixed_and_float32_under_ddp():
+    """DPOModule casts the (unsharded) reference to FSDP's compute dtype; under DDP's bf16-mixed it stays float32."""
+    fsdp = memory_estimate(1000, strategy="fsdp", world_size=8, precision="bf16-mixed")
+    ddp = memory_estimate(1000, strategy="ddp", precision="bf16-mixed")
+    assert fsdp["reference"] == 2000 and ddp["reference"] == 4000

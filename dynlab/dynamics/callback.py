@@ -18,6 +18,7 @@ from lightning.pytorch import Callback, LightningModule, Trainer
 from torch import Tensor
 
 from dynlab.dynamics.influence import directional_change, gradient_similarity, pack, sequence_logps
+from dynlab.errors import InputError
 from dynlab.tracking.trajectory import DYNAMICS_DIR, add_step_columns
 
 
@@ -69,6 +70,19 @@ class DynamicsCallback(Callback):
         self._pending: dict[str, Any] | None = None
 
     # ---- hooks -------------------------------------------------------------------------------------------------------
+    def check_strategy(self, trainer: Trainer) -> None:
+        """Refuse FSDP (InputError): the callback reads and perturbs the whole parameter vector on rank 0 alone (θ_s,
+        the update, forward-mode passes through ``policy``), while under FSDP each rank holds a shard and every
+        forward of a wrapped layer is a collective the other ranks would not join. ``dynlab`` calls it before the
+        run directory is written (through the module's ``check_strategy``); :meth:`setup` again."""
+        if "FSDP" in type(trainer.strategy).__name__:
+            raise InputError("DynamicsCallback under FSDP is not supported: it works on rank 0 with the whole "
+                             "parameter vector; train with DDP or on one device (it works there), or drop the "
+                             "callback from trainer.callbacks", field="trainer.strategy")
+
+    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        self.check_strategy(trainer)
+
     def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int) -> None:
         if self._pending is None and trainer.is_global_zero and self._due(trainer, pl_module):
             self._capture(trainer, pl_module)

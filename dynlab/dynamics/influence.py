@@ -16,6 +16,7 @@ from torch import Tensor, nn
 from torch.func import functional_call, jacrev, jvp
 
 from dynlab.losses.logps import IGNORE_INDEX, segment_sum
+from dynlab.metrics.displacement import ENTANGLEMENT_STATS
 from dynlab.models.forward import lm_head, response_hidden
 
 Params = dict[str, Tensor]
@@ -219,28 +220,73 @@ def _entk_decomposition(model: nn.Module, observed: Mapping[str, Tensor], train:
 
 # ---- which responses move together -----------------------------------------------------------------------------------
 
+def response_gradient_gram(model: nn.Module, prompt_ids: Sequence[int], responses: Mapping[str, Sequence[int]],
+                           params: str | None = None, max_bytes: int = 2 << 30) -> tuple[list[str], Tensor]:
+    """Gram matrix of the flattened gradients g_r = ∇θ log π(y_r | x) of the responses of one prompt.
+
+    G[r, s] = ⟨g_r, g_s⟩ over the trainable parameters whose names match the regex ``params`` (None: all trainable;
+    with a LoRA adapter that is the adapter alone). One forward and one ``torch.autograd.grad`` per response, under
+    ``enable_grad`` whatever the caller's mode and without touching any parameter's ``.grad``; a parameter a
+    response's log-prob does not reach contributes zeros. The gradients are float32 and held together, R × (subset
+    size) floats: ``max_bytes`` refuses more, with the fix in the message.
+
+    Returns:
+        ``(names, G (R, R) float64)``, the names in the order of ``responses``.
+    """
+    selected = trainable_params(model, params)
+    names = list(responses)
+    size = sum(p.numel() for p in selected.values()) * len(names) * 4
+    if size > max_bytes:
+        raise ValueError(f"the gradients of {len(names)} responses would hold {size / 2**30:.1f} GiB; restrict it to "
+                         f"fewer parameters with a regex (e.g. 'layers\\.(2[6-9])\\.': the last 4 of 30 blocks)")
+    device = next(model.parameters()).device
+    grads = []  # R tuples of one float32 gradient per selected parameter
+    with torch.inference_mode(False), torch.enable_grad():  # callable from probe_step (no_grad) and validation
+        for name in names:
+            batch = pack([(list(prompt_ids), list(responses[name]))], device=device)
+            logp = sequence_logps(model, batch).sum()
+            grad = torch.autograd.grad(logp, list(selected.values()), allow_unused=True, materialize_grads=True)
+            grads.append(tuple(g.detach().float() for g in grad))
+    gram = torch.zeros((len(names), len(names)), dtype=torch.float64, device=device)
+    for per_param in zip(*grads):  # one parameter at a time: the float64 copies stay small
+        stacked = torch.stack([g.reshape(-1) for g in per_param]).double()  # (R, numel)
+        gram += stacked @ stacked.T
+    return names, gram
+
+
 def gradient_similarity(model: nn.Module, prompt_ids: Sequence[int], responses: Mapping[str, Sequence[int]],
                         params: str | None = None, max_bytes: int = 2 << 30) -> tuple[list[str], Tensor]:
     """Cosine similarity of ∇θ log π(y | x) between the responses of one prompt: (names, (R, R)).
 
     A positive entry means a step raising one response raises the other (to first order, the eNTK view).
     ``params`` (a regex over parameter names) restricts the gradients to a subset, which bounds memory at
-    R × (subset size) floats; ``max_bytes`` refuses larger requests with the fix in the message.
+    R × (subset size) floats; ``max_bytes`` refuses larger requests with the fix in the message
+    (``response_gradient_gram``).
     """
-    selected = trainable_params(model, params)
-    names = list(responses)
-    size = sum(p.numel() for p in selected.values()) * len(names) * 4
-    if size > max_bytes:
-        raise ValueError(f"gradient similarity would hold {size / 2**30:.1f} GiB of gradients; restrict it to fewer "
-                         f"parameters with a regex (e.g. 'layers\\.(2[6-9])\\.': the last 4 of 30 blocks)")
-    device = next(model.parameters()).device
-    grads = []
-    for name in names:
-        batch = pack([(prompt_ids, responses[name])], device=device)
-        logp = sequence_logps(model, batch).sum()
-        grad = torch.autograd.grad(logp, list(selected.values()), allow_unused=True, materialize_grads=True)
-        grads.append(torch.cat([g.reshape(-1).float() for g in grad]))
-    stacked = torch.stack(grads)  # (R, P_subset)
-    gram = (stacked @ stacked.T).double()
+    names, gram = response_gradient_gram(model, prompt_ids, responses, params, max_bytes)
     norms = gram.diagonal().sqrt().clamp(min=1e-30)
     return names, (gram / norms[:, None] / norms[None, :]).float()
+
+
+def gradient_entanglement(model: nn.Module, prompt_ids: Sequence[int], chosen_ids: Sequence[int],
+                          rejected_ids: Sequence[int], params: str | None = None,
+                          max_bytes: int = 2 << 30) -> dict[str, Tensor]:
+    """Gradient entanglement of one preference pair (Yuan et al. 2024), g± = ∇θ log π(y± | x) over the trainable
+    parameters matching the regex ``params`` (None: all trainable):
+
+    - ``dot`` = ⟨g+, g-⟩, ``sq_chosen`` = ‖g+‖², ``sq_rejected`` = ‖g-‖²
+    - ``cosine`` = ⟨g+, g-⟩ / (‖g+‖ ‖g-‖) (0 where a gradient vanishes)
+
+    A step of gradient ascent on log π(y+) − log π(y-) changes log π(y+) by η (‖g+‖² − ⟨g+, g-⟩) to first order: when
+    the inner product exceeds ‖g+‖² the chosen response falls too (the entanglement behind likelihood displacement).
+    Two forward/backward passes (``response_gradient_gram``); the parameters' ``.grad`` is left alone.
+
+    Returns:
+        name -> () float64 scalar, the names of ``ENTANGLEMENT_STATS``.
+    """
+    _, gram = response_gradient_gram(model, prompt_ids, {"chosen": chosen_ids, "rejected": rejected_ids}, params,
+                                     max_bytes)
+    dot, sq_chosen, sq_rejected = gram[0, 1], gram[0, 0], gram[1, 1]
+    norms = (sq_chosen * sq_rejected).sqrt()
+    cosine = torch.where(norms > 0, dot / norms.clamp(min=1e-300), torch.zeros_like(dot))
+    return dict(zip(ENTANGLEMENT_STATS, (dot, sq_chosen, sq_rejected, cosine)))

@@ -1,5 +1,6 @@
 """Probe metrics: per-token/per-sequence statistics (functional) and torchmetrics accumulators (probe)."""
 
+from dynlab.metrics.displacement import ENTANGLEMENT_STATS, EntanglementMetric
 from dynlab.metrics.functional import (
     MEAN_METRICS,
     SEQUENCE_METRICS,
@@ -12,10 +13,12 @@ from dynlab.metrics.functional import (
 from dynlab.metrics.probe import PreferenceMetric, ProbeTypeMetric
 
 __all__ = [
+    "ENTANGLEMENT_STATS",
     "MEAN_METRICS",
     "SEQUENCE_METRICS",
     "SUM_METRICS",
     "ANormReduction",
+    "EntanglementMetric",
     "PreferenceMetric",
     "ProbeTypeMetric",
     "paper_a_norm",

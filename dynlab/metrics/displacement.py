@@ -1,6 +1,7 @@
 """Likelihood-displacement diagnostics of a preference pair: CHES (Razin et al. 2024), the token edit distance and
 first differing position of y+ and y- (Smaug/DPOP), and the rate ratio Delta log pi(y-) / Delta log pi(y+) (Feng et al.
-2024). Pure tensor and list maths: the probe forward feeds it the hidden states it already has."""
+2024). Pure tensor and list maths: the probe forward feeds it the hidden states it already has. And the accumulator of
+the probe pairs' gradient entanglement (``dynlab.dynamics.influence.gradient_entanglement``)."""
 
 from __future__ import annotations
 
@@ -9,8 +10,10 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 from torch import Tensor
+from torchmetrics import Metric
 
 PAIR_STATS = ("ches", "ches_norm", "edit_distance", "edit_distance_norm", "first_diff")
+ENTANGLEMENT_STATS = ("dot", "sq_chosen", "sq_rejected", "cosine")  # as gradient_entanglement returns them
 RATE_MIN_ABS_CHANGE = 1e-3  # nats: |Delta log pi(y+)| below this makes a rate ratio undefined (NaN)
 
 
@@ -155,3 +158,53 @@ def top_fraction(scores: Sequence[float], fraction: float) -> list[int]:
     order = sorted(range(len(scores)), key=lambda i: (np.isnan(scores[i]), -scores[i] if not np.isnan(scores[i])
                                                       else 0.0, i))
     return order[:count]
+
+
+class EntanglementMetric(Metric):
+    """Means over probe pairs of the gradient entanglement (Yuan et al. 2024): ``dot`` = <g+, g->, ``sq_chosen`` =
+    ||g+||^2, ``sq_rejected`` = ||g-||^2 and ``cosine``, with g = grad_theta log pi(y | x) of each response.
+
+    ``compute`` keys them ``entanglement/{name}``, as they are logged: ``probe/{split}/entanglement/{name}``.
+
+    Args:
+        kwargs: passed to ``torchmetrics.Metric``.
+
+    Example:
+        >>> import torch
+        >>> metric = EntanglementMetric()
+        >>> metric.update({name: torch.tensor([1.0, 3.0]) for name in ENTANGLEMENT_STATS})
+        >>> metric.update({name: torch.tensor([8.0]) for name in ENTANGLEMENT_STATS})
+        >>> {k: round(v.item(), 4) for k, v in metric.compute().items()}  # doctest: +NORMALIZE_WHITESPACE
+        {'entanglement/dot': 4.0, 'entanglement/sq_chosen': 4.0, 'entanglement/sq_rejected': 4.0,
+         'entanglement/cosine': 4.0}
+    """
+
+    full_state_update = False
+    higher_is_better = None  # a diagnostic, not a score
+    is_differentiable = False
+
+    def __init__(self, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.add_state("sums", torch.zeros(len(ENTANGLEMENT_STATS), dtype=torch.float64), dist_reduce_fx="sum")
+        self.add_state("count", torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
+
+    def update(self, stats: dict[str, Tensor]) -> None:
+        """Add a batch of pairs.
+
+        Args:
+            stats: every name of ``ENTANGLEMENT_STATS`` -> (B,) per-pair values (no others).
+        """
+        if sorted(stats) != sorted(ENTANGLEMENT_STATS):
+            raise ValueError(f"EntanglementMetric.update: expected the statistics {ENTANGLEMENT_STATS}, got "
+                             f"{sorted(stats)}")
+        shapes = {name: tuple(v.shape) for name, v in stats.items()}
+        if any(len(s) != 1 for s in shapes.values()) or len(set(shapes.values())) > 1:
+            raise ValueError(f"EntanglementMetric.update: expected 1-D tensors of one shape (B,), got {shapes}")
+        self.sums += torch.stack([stats[n].detach().double().sum() for n in ENTANGLEMENT_STATS]).to(self.sums)
+        self.count += stats[ENTANGLEMENT_STATS[0]].numel()
+
+    def compute(self) -> dict[str, Tensor]:
+        """``entanglement/{name}`` -> mean over every pair seen (float32 scalars); empty before any pair."""
+        if self.count == 0:
+            return {}
+        return {f"entanglement/{n}": (self.sums[i] / self.count).float() for i, n in enumerate(ENTANGLEMENT_STATS)}

@@ -187,6 +187,34 @@ def shared_prompt_hidden_rows(model: PreTrainedModel, prompts: Sequence[Tensor],
         yield members, states[seq_index, pos], ids[seq_index, pos], seq_index
 
 
+def backbone_forward_count(model: PreTrainedModel, prompts: Sequence[Tensor],
+                           responses: Sequence[Mapping[str, Tensor]], max_padding: float = 0.25,
+                           max_tokens: int = 4096) -> int:
+    """How many backbone forwards :func:`shared_prompt_hidden_rows` makes for these rows, from their lengths alone
+    (no forward runs): one per prompt group plus one per response group, or, on the row-by-row path
+    (:func:`rows_one_by_one`), per row one for its prompt plus one per group of its responses.
+
+    Under FSDP every backbone forward all-gathers each wrapped layer's weights, a collective: ranks scoring different
+    rows pad to the largest count with :func:`dummy_backbone_forward` (``CausalLMModule`` does, for probe evaluation).
+    """
+    if not prompts:
+        return 0
+    if not shares_kv_cache(model):
+        return sum(1 + len(length_groups([r.numel() for r in row.values()], max_padding)) for row in responses)
+    prompt_len = [p.numel() for p in prompts]
+    items = [(k, name) for k, row in enumerate(responses) for name in row]
+    lengths = [responses[k][name].numel() for k, name in items]
+    return (len(length_groups(prompt_len, max_padding, max_tokens))
+            + len(length_groups(lengths, max_padding, max_tokens, context=[prompt_len[k] for k, _ in items])))
+
+
+@torch.no_grad()
+def dummy_backbone_forward(model: PreTrainedModel, device: torch.device) -> None:
+    """One backbone forward of a single token whose result is dropped: under FSDP it takes part in every wrapped
+    layer's all-gather exactly as a real forward does, so a rank with fewer rows to score keeps in step."""
+    model.base_model(input_ids=torch.zeros((1, 1), dtype=torch.long, device=device), use_cache=False)
+
+
 def _stacked_cache(kv: Sequence[Sequence[tuple[Tensor, Tensor]]], rows: Sequence[int], prompt_len: Sequence[int],
                    width: int) -> DynamicCache:
     """The prompt keys and values of ``rows``, each right-padded to ``width``: (R, heads, width, d) per layer."""

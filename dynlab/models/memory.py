@@ -49,7 +49,8 @@ def memory_estimate(n_params: int, *, strategy: Strategy = "ddp", world_size: in
       bf16-true); its per-tensor ``step`` scalars are not counted. ``sgd`` is plain SGD (no momentum): no state.
     - ``reference``: ``live`` = a frozen copy of the policy in the policy's dtype, whole on every device (it is
       outside the module Lightning shards, so FSDP does not shard it; DPOModule casts it to the policy's dtype, so
-      under bf16-true it is 2 bytes); ``precomputed``, ``none`` (SFT,
+      under bf16-true it is 2 bytes, and to FSDP's compute dtype, so under FSDP with bf16-mixed it is 2 bytes too);
+      ``precomputed``, ``none`` (SFT,
       SimPO) and ``adapter`` (the base with the LoRA adapter disabled) hold no second copy.
     - ``fsdp`` (full sharding) divides policy, gradients and optimizer state by ``world_size``; the unit gathered
       for a forward (one decoder layer, unsharded) is not counted.
@@ -113,8 +114,10 @@ def memory_estimate(n_params: int, *, strategy: Strategy = "ddp", world_size: in
     if strategy == "ddp" and world_size > 1:
         gradients *= 2  # the reducer's bucket copy
     optim = MOMENTS[optimizer] * trainable * param_bytes // shard
-    # the reference follows the policy's dtype at fit start (DPOModule.on_fit_start): 2 bytes under bf16-true
-    ref = n_params * (2 if precision == "bf16-true" else ITEMSIZE[dtype]) if reference == "live" else 0
+    # the reference follows the policy's dtype at fit start (DPOModule.on_fit_start): 2 bytes under bf16-true, and
+    # under FSDP's bf16-mixed, whose compute dtype it is cast to (it runs outside FSDP's mixed-precision wrapper)
+    ref_bytes = 2 if precision == "bf16-true" or (strategy == "fsdp" and precision == "bf16-mixed") else ITEMSIZE[dtype]
+    ref = n_params * ref_bytes if reference == "live" else 0
     act_bytes = 4 if precision == "32-true" and ITEMSIZE[dtype] == 4 else 2
     per_layer = batch_tokens * hidden_size * ACTIVATION_ELEMENTS_PER_HIDDEN * act_bytes  # one layer's saved set
     if activation_checkpointing:

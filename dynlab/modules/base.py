@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import sys
 import tempfile
@@ -24,17 +25,32 @@ from lightning.pytorch.utilities import rank_zero_only
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from torch import Tensor, nn
 
+from dynlab.dynamics.influence import gradient_entanglement, trainable_params
 from dynlab.errors import InputError
 from dynlab.losses.logps import segment_sum, token_logps
-from dynlab.metrics.displacement import PAIR_STATS, ches, pair_edit_stats, pair_hidden_sums, rate_ratio
+from dynlab.metrics.displacement import (
+    ENTANGLEMENT_STATS,
+    PAIR_STATS,
+    EntanglementMetric,
+    ches,
+    pair_edit_stats,
+    pair_hidden_sums,
+    rate_ratio,
+)
 from dynlab.metrics.functional import SEQUENCE_METRICS, ANormReduction, sequence_stats, token_stats
 from dynlab.metrics.probe import DisplacementMetric, PreferenceMetric, ProbeTypeMetric
 from dynlab.models.adapter import AdapterSpec, apply_adapter, as_adapter_spec, merged_state_dict
-from dynlab.models.forward import lm_head, response_hidden, shared_prompt_hidden_rows
+from dynlab.models.forward import (
+    backbone_forward_count,
+    dummy_backbone_forward,
+    lm_head,
+    response_hidden,
+    shared_prompt_hidden_rows,
+)
 from dynlab.models.generate import generate_responses
 from dynlab.models.load import ModelSpec, load_model, load_tokenizer
 from dynlab.tracking.plots import plot_runs
-from dynlab.tracking.trajectory import records_from_results, write_probe_set, write_step
+from dynlab.tracking.trajectory import records_from_results, write_probe_set, write_step, write_tokens
 
 
 def gather_objects(items: list) -> list:
@@ -136,6 +152,17 @@ class CausalLMModule(L.LightningModule):
             and far less activation memory (``dynlab.models.memory``). It applies in training mode only, so probe
             evaluation and the reference keep their KV caches. Under FSDP prefer the strategy's own
             ``activation_checkpointing_policy`` (configs/strategies/fsdp.yaml sets it); both would checkpoint twice.
+        probe_token_examples: K: for the first K probe rows of each split (by row index) every evaluation also keeps
+            each response's per-token log-probs, their change since step 0 and (DPO) the per-token implicit reward, in
+            RUN_DIR/tokens/step_XXXXXXXX.parquet (``dynlab.tracking.trajectory.read_tokens``); 0 turns it off.
+        probe_entanglement_pairs: K: for the first K probe pairs of each split (by probe row index) every evaluation
+            also computes their gradient entanglement (Yuan et al. 2024; ``dynlab.dynamics.influence``): <g+, g->,
+            ||g+||^2, ||g-||^2 and their cosine, g = grad_theta log pi(y | x), two forward/backward passes per pair;
+            per pair in the trajectory (``grad_*`` columns of the chosen rows), their means logged as
+            ``probe/{split}/entanglement/{dot,sq_chosen,sq_rejected,cosine}``; 0 (default) turns it off.
+        probe_entanglement_params: a regex over parameter names (``re.search``) restricting those gradients to the
+            trainable parameters it matches (e.g. ``layers\\.(2[6-9])\\.``: SmolLM2's last 4 blocks); None = every
+            trainable parameter (with a LoRA adapter, the adapter's).
     """
 
     training_view: ClassVar[str] = "sft"
@@ -153,15 +180,29 @@ class CausalLMModule(L.LightningModule):
         a_norm: ANormReduction = "token_mean",
         adapter: AdapterSpec | None = None,
         activation_checkpointing: bool = False,
+        probe_token_examples: int = 2,
+        probe_entanglement_pairs: int = 0,
+        probe_entanglement_params: str | None = None,
     ):
         super().__init__()
         # refused here, before any weights load: jsonargparse builds the module before the run directory exists
         for name, value, least in (("probe_every_n_steps", probe_every_n_steps, 0),
                                    ("probe_chunk_tokens", probe_chunk_tokens, 1),
-                                   ("logp_chunk_tokens", logp_chunk_tokens, 1)):
+                                   ("logp_chunk_tokens", logp_chunk_tokens, 1),
+                                   ("probe_token_examples", probe_token_examples, 0)):
             if value is not None and value < least:
-                hint = " (0 turns probe evaluation off)" if name == "probe_every_n_steps" else ""
+                hint = {"probe_every_n_steps": " (0 turns probe evaluation off)",
+                        "probe_token_examples": " (0 keeps no per-token views)"}.get(name, "")
                 raise InputError(f"must be at least {least}, got {value}{hint}", field=f"model.{name}")
+        if probe_entanglement_pairs < 0:
+            raise InputError(f"must be at least 0, got {probe_entanglement_pairs} (0 turns gradient entanglement off)",
+                             field="model.probe_entanglement_pairs")
+        if probe_entanglement_params is not None:
+            try:
+                re.compile(probe_entanglement_params)
+            except re.error as err:
+                raise InputError(f"{probe_entanglement_params!r} is not a regular expression: {err}",
+                                 field="model.probe_entanglement_params") from None
         self.save_hyperparameters(ignore=["optimizer", "scheduler"])
         self.spec = policy or ModelSpec()
         self.tokenizer = load_tokenizer(self.spec)
@@ -186,11 +227,21 @@ class CausalLMModule(L.LightningModule):
                 # the frozen embeddings' output must require grad for peft's checkpointed layers (transformers 5
                 # hooks it already; 4.x does only for adapters it loaded itself)
                 self.policy.enable_input_require_grads()
+        if probe_entanglement_params is not None:  # against the trainable parameters: the adapter's with LoRA
+            try:
+                trainable_params(self.policy, probe_entanglement_params)
+            except ValueError:
+                example = next((n for n, p in self.policy.named_parameters() if p.requires_grad), None)
+                raise InputError(f"{probe_entanglement_params!r} matches no trainable parameter of the policy (names "
+                                 f"as policy.named_parameters() gives them, e.g. {example!r})",
+                                 field="model.probe_entanglement_params") from None
         self.optimizer_factory, self.scheduler_factory = optimizer, scheduler
         self.probe_metrics = nn.ModuleDict()
         self.preference_metrics = nn.ModuleDict()
         self.probe_types: dict[str, list[str]] = {}
         self._baseline: dict[str, Tensor] = {}  # split -> (rows, types) logp at step 0, NaN where unknown
+        # split -> (probe row, type) -> (L,) per-token logp at step 0, for the first probe_token_examples rows
+        self._token_baseline: dict[str, dict[tuple[int, str], Tensor]] = {}
         self._last_probe_step = -1
         self._unlogged_row: dict | None = None  # carried by the checkpoint this run resumed from
 
@@ -206,12 +257,22 @@ class CausalLMModule(L.LightningModule):
         if uses_fsdp(trainer) and self._peft:
             raise InputError("a LoRA adapter under FSDP is not supported yet: train it with DDP or on one device, or "
                              "drop model.init_args.adapter", field="trainer.strategy")
-        if uses_fsdp(trainer) and self.hparams.probe_every_n_steps:
-            # probe scoring calls the policy outside FSDP's root forward, with a different number of forwards per
-            # rank: every rank would wait on the others' all-gathers
-            raise InputError("probe evaluation under FSDP is not supported yet: set "
-                             "--model.init_args.probe_every_n_steps=0 (configs/strategies/fsdp.yaml does)",
-                             field="trainer.strategy")
+        # probe evaluation runs under FSDP (_fsdp_probe_split); what it cannot do there is refused
+        if uses_fsdp(trainer) and self.hparams.get("probe_entanglement_pairs", 0):
+            # its backward passes run for the first K pairs only, on the ranks that hold them: FSDP's gradient
+            # reduce-scatters would wait on the other ranks
+            raise InputError("gradient entanglement under FSDP is not supported yet: set it to 0, or train with DDP "
+                             "or on one device", field="model.probe_entanglement_pairs")
+        state = getattr(trainer, "state", None)
+        if uses_fsdp(trainer) and getattr(state, "fn", None) in ("validate", "test"):
+            # Lightning's evaluation loop runs each rank's shard of probe batches, a different number of FSDP
+            # forwards per rank; fit's probe evaluation pads them (_fsdp_probe_split)
+            raise InputError(f"dynlab {state.fn} under FSDP is not supported yet: score the run's export with DDP or "
+                             "on one device (--model.init_args.init_from=RUN_DIR/export); probe evaluation during "
+                             "fit does run under FSDP", field="trainer.strategy")
+        for callback in getattr(trainer, "callbacks", None) or ():
+            if hasattr(callback, "check_strategy"):  # e.g. DynamicsCallback under FSDP
+                callback.check_strategy(trainer)
 
     def setup(self, stage: str) -> None:
         if stage == "fit":  # the clock of RUN_DIR/timing.json
@@ -230,6 +291,8 @@ class CausalLMModule(L.LightningModule):
                 self.probe_metrics[f"{split}__{t}"] = ProbeTypeMetric()
             self.preference_metrics[f"{split}__pairs"] = PreferenceMetric(beta=getattr(self.hparams, "beta", 0.1))
             self.preference_metrics[f"{split}__displacement"] = DisplacementMetric()
+            if self.hparams.get("probe_entanglement_pairs", 0):
+                self.preference_metrics[f"{split}__entanglement"] = EntanglementMetric()
             n = len(datamodule.probe_examples[split])
             self._baseline.setdefault(split, torch.full((n, len(types)), float("nan")))
             self._previous_logp.setdefault(split, torch.full((n, len(types)), float("nan")))
@@ -301,10 +364,14 @@ class CausalLMModule(L.LightningModule):
         # the batch's rows together: each prompt once, every row's responses grouped by length across rows (with
         # a whole batch to choose from, groups stay large at 10% padding)
         pair_sums: dict[tuple[int, str], Tensor] = {}  # (probe row, chosen|rejected) -> (H,) float64 sum of states
+        per_token: dict[tuple[int, str], tuple[Tensor, Tensor]] = {}  # (row < K, type) -> (token ids, logp), (L,)
         for members, hidden, targets, seq_index in shared_prompt_hidden_rows(self.policy, batch["prompt_ids"],
                                                                              batch["responses"], max_padding=0.1):
-            seq = sequence_stats(self._chunked_token_stats(hidden, targets), seq_index, len(members),
-                                 a_norm=self.hparams.get("a_norm", "token_mean"), vocab_size=vocab)
+            stats = self._chunked_token_stats(hidden, targets)
+            seq = sequence_stats(stats, seq_index, len(members), a_norm=self.hparams.get("a_norm", "token_mean"),
+                                 vocab_size=vocab)
+            if self._token_rows is not None:
+                per_token.update(self._first_rows_tokens(members, index, targets, stats["logp"], seq_index))
             for j, (k, name) in enumerate(members):
                 for m in SEQUENCE_METRICS:
                     per_type[name][m].append(seq[m][j : j + 1])
@@ -336,9 +403,49 @@ class CausalLMModule(L.LightningModule):
             pairs.update(c["logp"], r["logp"], c.get("ref_logp"), r.get("ref_logp"))
             if self.probe_displacement:
                 self._pair_diagnostics(split, batch, pair_sums, c, r)
+            if self.hparams.get("probe_entanglement_pairs", 0):
+                self._pair_entanglement(split, batch, c)
         for values in results.values():
             values.pop("dlogp_previous", None)
+        if per_token:
+            self._keep_token_views(split, batch, per_token)
         return results
+
+    # ---- per-token views of the first probe_token_examples rows (RUN_DIR/tokens) ------------------------------------
+    _token_rows: list[dict] | None = None  # the evaluation in progress's RUN_DIR/tokens rows (None: none kept)
+
+    def _first_rows_tokens(self, members: list, index: list[int], targets: Tensor, logp: Tensor,
+                           seq_index: Tensor) -> dict[tuple[int, str], tuple[Tensor, Tensor]]:
+        """(probe row, type) -> (token ids (L,), per-token log pi (L,) float32), on the CPU, for the members of one
+        response group whose probe row is below ``probe_token_examples``; tokens in response order."""
+        k_rows = self.hparams.get("probe_token_examples", 0)
+        return {(index[k], name): (targets[seq_index == j].cpu(), logp[seq_index == j].float().cpu())
+                for j, (k, name) in enumerate(members) if index[k] < k_rows}
+
+    def _keep_token_views(self, split: str, batch: dict,
+                          per_token: dict[tuple[int, str], tuple[Tensor, Tensor]]) -> None:
+        """One RUN_DIR/tokens row per (row, type) of ``per_token``: ``token_ids``, ``logp`` = log pi(y_t | x, y_<t),
+        ``dlogp`` = logp - its step-0 value (recorded at the baseline evaluation, checkpointed; None where unknown)
+        and, where ``probe_token_reference`` gives one, ``reward`` = beta (logp - log pi_ref(y_t | x, y_<t))."""
+        baseline = self._token_baseline.setdefault(split, {})
+        if self._recording_baseline:
+            baseline.update({key: logp.clone() for key, (_, logp) in per_token.items()})
+        reference = self.probe_token_reference(split, batch, sorted({row for row, _ in per_token}))
+        for (row, name), (ids, logp) in per_token.items():
+            start = baseline.get((row, name))
+            known = start is not None and start.shape == logp.shape
+            record = {"split": split, "row": row, "type": name, "step": self.global_step, "token_ids": ids.tolist(),
+                      "logp": logp.tolist(), "dlogp": (logp - start).tolist() if known else None}
+            if reference is not None:
+                ref = reference.get((row, name))
+                known = ref is not None and ref.shape == logp.shape
+                record["reward"] = (self.hparams.beta * (logp - ref)).tolist() if known else None
+            self._token_rows.append(record)
+
+    def probe_token_reference(self, split: str, batch: dict, rows: list[int]) -> dict[tuple[int, str], Tensor] | None:
+        """Per-token reference log-probs (probe row, type) -> (L,) of ``rows``' responses in ``batch``, for the
+        per-token implicit reward; None: no reference, no reward (SFT)."""
+        return None
 
     def _pair_diagnostics(self, split: str, batch: dict, pair_sums: dict[tuple[int, str], Tensor],
                           chosen: dict[str, Tensor], rejected: dict[str, Tensor]) -> None:
@@ -374,6 +481,39 @@ class CausalLMModule(L.LightningModule):
         self.preference_metrics[f"{split}__displacement"].update(
             {m: stats[m] for m in PAIR_STATS}, deltas.get("rate_ratio"), deltas.get("rate_ratio_step"))
         chosen.update(stats)
+
+    def _pair_entanglement(self, split: str, batch: dict, chosen: dict[str, Tensor]) -> None:
+        """Gradient entanglement of the batch's pairs among the first ``probe_entanglement_pairs`` probe rows: added to
+        ``chosen`` as per-pair columns ``grad_{dot,sq_chosen,sq_rejected,cosine}`` (NaN for the other rows; absent
+        from a batch without such a row) and to the split's ``EntanglementMetric``.
+
+        Two forward/backward passes of the policy per pair, as it is (eval mode), with ``torch.autograd.grad``: no
+        parameter's ``.grad`` is touched, so a step's accumulated gradients survive an evaluation inside it. The time
+        it takes adds to ``probe_entanglement_seconds``, the pairs to ``probe_entanglement_count``.
+        """
+        limit, pattern = self.hparams.probe_entanglement_pairs, self.hparams.get("probe_entanglement_params")
+        rows = chosen["row"].tolist()
+        wanted = [i for i, row in enumerate(rows) if row < limit]
+        if not wanted:
+            return
+        start = time.monotonic()
+        position = {row: k for k, row in enumerate(batch["index"].tolist())}
+        device = chosen["logp"].device
+        columns = {m: torch.full((len(rows),), float("nan"), dtype=torch.float64, device=device)
+                   for m in ENTANGLEMENT_STATS}
+        for i in wanted:
+            k = position[rows[i]]
+            responses = batch["responses"][k]
+            # no memory guard: the opt-in costs two float32 gradients of the selected parameters, less than the
+            # gradients and optimizer state training holds already
+            values = gradient_entanglement(self.policy, batch["prompt_ids"][k].tolist(), responses["chosen"].tolist(),
+                                           responses["rejected"].tolist(), params=pattern, max_bytes=sys.maxsize)
+            for m in ENTANGLEMENT_STATS:
+                columns[m][i] = values[m].to(device)
+        self.preference_metrics[f"{split}__entanglement"].update({m: v[wanted] for m, v in columns.items()})
+        chosen.update({f"grad_{m}": v for m, v in columns.items()})
+        self.probe_entanglement_seconds += time.monotonic() - start
+        self.probe_entanglement_count += len(wanted)
 
     @torch.no_grad()
     def score_pairs(self, pairs: Sequence[dict], batch_size: int = 8,
@@ -429,9 +569,10 @@ class CausalLMModule(L.LightningModule):
             self.policy.to(home).train(was_training)
         return out
 
-    def _chunked_token_stats(self, hidden: Tensor, targets: Tensor) -> dict[str, Tensor]:
+    def _chunked_token_stats(self, hidden: Tensor, targets: Tensor,
+                             model: nn.Module | None = None) -> dict[str, Tensor]:
         # at most one (chunk, V) float32 tensor is live at a time
-        chunks = [token_stats(lm_head(self.policy, h), y) for h, y in
+        chunks = [token_stats(lm_head(model or self.policy, h), y) for h, y in
                   zip(hidden.split(self.hparams.probe_chunk_tokens), targets.split(self.hparams.probe_chunk_tokens))]
         return {m: torch.cat([c[m] for c in chunks]) for m in chunks[0]}
 
@@ -455,6 +596,8 @@ class CausalLMModule(L.LightningModule):
 
     _recording_baseline = False
     probe_eval_seconds = 0.0  # wall time spent in run_probe_evaluation during this fit
+    probe_entanglement_seconds = 0.0  # of which computing gradient entanglement (``_pair_entanglement``)
+    probe_entanglement_count = 0  # the pairs it was computed for
     _current_logp: dict[str, Tensor] | None = None  # split -> (rows, types) logp of the evaluation in progress
     # CHES, edit statistics and rate ratios of the probe pairs in every probe evaluation (benchmarks/displacement.py
     # turns them off on an instance to measure what they cost)
@@ -488,10 +631,14 @@ class CausalLMModule(L.LightningModule):
         self.policy.eval()
         self._recording_baseline = bool(self._baseline) and all(torch.isnan(b).all() for b in self._baseline.values())
         self._current_logp = {split: torch.full_like(b, float("nan")) for split, b in self._baseline.items()}
+        self._token_rows = [] if self.hparams.get("probe_token_examples", 0) else None
         records: list[dict] = []
         try:
             for split in self.probe_types:
                 loader = datamodule.probe_dataloader(split)
+                if uses_fsdp(self.trainer):
+                    records += self._fsdp_probe_split(split, loader, progress)
+                    continue
                 progress.begin(split, len(loader))
                 for done, batch in enumerate(loader, 1):
                     self.stop_if_asked()  # stopped here, the evaluation leaves nothing behind: it is redone on resume
@@ -503,8 +650,10 @@ class CausalLMModule(L.LightningModule):
             if self._recording_baseline:  # a half-recorded baseline is no baseline
                 for b in self._baseline.values():
                     b.fill_(float("nan"))
+                self._token_baseline.clear()
                 self._recording_baseline = False
             self._current_logp = None  # the previous evaluation stays the previous one
+            self._token_rows = None
             for metric in (*self.probe_metrics.values(), *self.preference_metrics.values()):
                 metric.reset()
             self.policy.train(was_training)
@@ -512,6 +661,9 @@ class CausalLMModule(L.LightningModule):
         if self._recording_baseline:  # each rank saw its shard: combine, NaN where a rank had nothing
             for split, b in self._baseline.items():
                 self._baseline[split] = self._combine_ranks(b)
+            local = [(split, key, v) for split, b in self._token_baseline.items() for key, v in b.items()]
+            for split, key, v in gather_objects(local):  # every rank gets the whole per-token baseline
+                self._token_baseline.setdefault(split, {})[key] = v
             self._recording_baseline = False
             if self.trainer.is_global_zero:
                 for split, rows in datamodule.probe_rows.items():
@@ -523,12 +675,80 @@ class CausalLMModule(L.LightningModule):
         records = gather_objects(records)
         if self.trainer.is_global_zero:
             write_step(self.run_dir, self.global_step, records)
+        token_rows, self._token_rows = self._token_rows, None
+        if token_rows is not None:  # probe_token_examples > 0: the same on every rank
+            token_rows = gather_objects(token_rows)
+            if self.trainer.is_global_zero:
+                decode = self.tokenizer.batch_decode
+                for row in token_rows:
+                    row["tokens"] = decode([[i] for i in row["token_ids"]], clean_up_tokenization_spaces=False)
+                write_tokens(self.run_dir, self.global_step, token_rows)
         metrics = self.compute_probe_metrics()
         # logged at the number of optimizer steps taken (0 = before training), not Lightning's batch counter,
         # which lags by one inside on_train_batch_end
         for logger in self.loggers:
             logger.log_metrics({k: v.item() for k, v in metrics.items()}, step=self.global_step)
         self.trainer.callback_metrics.update(metrics)  # so checkpoint callbacks can monitor probe metrics
+
+    def _fsdp_probe_split(self, split: str, loader: Any, progress: ProbeProgress) -> list[dict]:
+        """Probe evaluation of one split under FSDP: the trajectory records of this rank's rows.
+
+        FSDP keeps each rank's shard of the weights only: the root unit's (embeddings, final norm, ``lm_head``) are
+        gathered in the root's forward, each wrapped decoder layer's in its own forward, and every gather is a
+        collective. So each probe batch runs inside FSDP's root forward (Lightning's forward redirection, as its
+        ``validation_step`` does), and every rank makes the same sequence of forwards: all ranks take as many batches
+        as the rank with the most (a rank whose shard is shorter takes empty ones), and in each batch as many backbone
+        forwards as the rank needing the most (``backbone_forward_count``: prompt groups plus response groups); a rank
+        with fewer makes one-token dummy forwards whose results are dropped (``dummy_backbone_forward``). Each probe
+        row is still scored once, by one rank, with the very forwards one process makes, so the numbers are one
+        process's. A SIGTERM on any rank stops every rank at the same batch (the counts and the stop flag are one
+        all-reduce per batch). Memory: one wrapped unit's full weights at a time, as in training.
+        """
+        strategy = self.trainer.strategy
+        (total,) = self._max_over_ranks([len(loader)])
+        progress.begin(split, total)
+        batches, records = iter(loader), []
+        for done in range(1, total + 1):
+            batch = next(batches, None)
+            count = 0
+            if batch is not None:
+                batch = move_data_to_device(batch, self.device)
+                count = backbone_forward_count(self.policy, batch["prompt_ids"], batch["responses"],
+                                               max_padding=0.1)  # as probe_step scores them
+            stop, forwards = self._max_over_ranks([int(self.trainer.received_sigterm), count])
+            if stop:  # stopped here, on every rank together (the due checkpoint is a collective under FSDP)
+                self.trainer._signal_connector.received_sigterm = True
+                self.stop_if_asked()
+            with torch.no_grad():  # no backward hooks on the outputs
+                results = strategy._forward_redirection(strategy.model, self, "_fsdp_probe_forward", split, batch,
+                                                        forwards)
+            records += records_from_results(split, {t: {m: v.tolist() for m, v in values.items()}
+                                                    for t, values in results.items()})
+            progress.update(done)
+        return records
+
+    def _fsdp_probe_forward(self, split: str, batch: dict | None, forwards: int) -> dict[str, dict[str, Tensor]]:
+        """Inside FSDP's root forward: ``probe_step`` on ``batch`` (none: an empty batch), then dummy backbone
+        forwards up to ``forwards`` in all (``_fsdp_probe_split``); returns ``probe_step``'s results ({} for none)."""
+        calls = [0]
+        hook = self.policy.base_model.register_forward_hook(lambda *_: calls.__setitem__(0, calls[0] + 1))
+        try:
+            results = self.probe_step(split, batch) if batch is not None else {}
+        finally:
+            hook.remove()
+        if calls[0] > forwards:  # backbone_forward_count no longer describes probe_step
+            raise RuntimeError(f"probe_step made {calls[0]} backbone forwards, {forwards} were planned")
+        for _ in range(forwards - calls[0]):
+            dummy_backbone_forward(self.policy, self.device)
+        return results
+
+    def _max_over_ranks(self, values: list[int]) -> list[int]:
+        """Element-wise maximum of integers over all ranks (the values themselves when not distributed)."""
+        if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+            return list(values)
+        tensor = torch.tensor(values, dtype=torch.long, device=self.device)
+        torch.distributed.all_reduce(tensor, op=torch.distributed.ReduceOp.MAX)
+        return tensor.tolist()
 
     def _combine_ranks(self, values: Tensor) -> Tensor:
         """Per-row values each rank filled for its shard (NaN elsewhere) -> the whole table on every rank (CPU)."""
@@ -570,6 +790,8 @@ class CausalLMModule(L.LightningModule):
         recording = self._recording_baseline
         checkpoint["dynlab_probe_baseline"] = {split: torch.full_like(b, float("nan")) if recording else b.clone()
                                                for split, b in self._baseline.items()}
+        checkpoint["dynlab_token_baseline"] = {} if recording else {
+            split: {key: v.clone() for key, v in b.items()} for split, b in self._token_baseline.items()}
         checkpoint["dynlab_last_probe_step"] = self._last_probe_step
         # complete by construction: an evaluation in progress fills _current_logp, swapped in once it is done
         checkpoint["dynlab_probe_previous_logp"] = {split: b.clone() for split, b in self._previous_logp.items()}
@@ -577,6 +799,8 @@ class CausalLMModule(L.LightningModule):
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         self._baseline.update(checkpoint.get("dynlab_probe_baseline", {}))
+        for split, b in checkpoint.get("dynlab_token_baseline", {}).items():
+            self._token_baseline.setdefault(split, {}).update(b)
         self._last_probe_step = checkpoint.get("dynlab_last_probe_step", -1)
         self._previous_logp.update(checkpoint.get("dynlab_probe_previous_logp", {}))
         self._unlogged_row = checkpoint.get("dynlab_unlogged_row")

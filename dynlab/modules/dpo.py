@@ -13,6 +13,7 @@ dynlab.modules.onpolicy.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 from typing import Any, ClassVar, Literal
 
@@ -253,18 +254,54 @@ class DPOModule(CausalLMModule):
         finally:
             self.policy.train(was_training)
 
+    @torch.no_grad()
+    def probe_token_reference(self, split: str, batch: dict, rows: list[int]) -> dict[tuple[int, str], Tensor] | None:
+        """Per-token log pi_ref of the responses of probe ``rows`` in ``batch``, (row, type) -> (L,) float32, for
+        RUN_DIR/tokens' ``reward``: the reference model's own (with an adapter, the policy with the adapter disabled);
+        once ``precompute_ref_logps`` freed the reference, the step-0 policy's, which is the reference then (the
+        initial policy, or ``init_from``'s: cached reference log-probs exclude reference updates). None for simpo."""
+        if self.reference_free:
+            return None
+        if not self._reference and self.peft_model is None:
+            return self._token_baseline.get(split, {})
+        model = self.reference if self._reference else self.policy
+        position = {row: k for k, row in enumerate(batch["index"].tolist())}
+        prompts = [batch["prompt_ids"][position[row]] for row in rows]
+        responses = [batch["responses"][position[row]] for row in rows]
+        out: dict[tuple[int, str], Tensor] = {}
+        with contextlib.ExitStack() as stack:
+            if not self._reference:
+                stack.enter_context(self.peft_model.disable_adapter())
+            for members, hidden, targets, seq_index in shared_prompt_hidden_rows(model, prompts, responses,
+                                                                                 max_padding=0.1):
+                logp = self._chunked_token_stats(hidden, targets, model)["logp"]  # as the policy's, for reward 0 at 0
+                out.update({(rows[k], name): logp[seq_index == j].float().cpu() for j, (k, name) in enumerate(members)})
+        return out
+
     def on_fit_start(self) -> None:
         if self.pairs == "policy_ranked":
             self.ranking_judge()
         if self.ref_logps is None and self._reference:
             # the policy's device and dtype (bf16-true converts the policy, not the reference outside the module
             # tree): at step 0 the two give bitwise the same log-probs
-            self.reference.to(self.device, dtype=next(self.policy.parameters()).dtype)
+            self.reference.to(self.device, dtype=self._reference_dtype())
         if self.hparams.precompute_ref_logps and self.ref_logps is None:
             self.ref_logps = self._precompute_ref_logps()
         if self.ref_logps is not None:
             self.ref_logps = self.ref_logps.to(self.device)
             self._reference.clear()  # the cache replaces the model
+
+    def _reference_dtype(self) -> torch.dtype:
+        """The dtype the policy computes in, for the reference: its parameters' (bf16-true converts them), or under
+        FSDP its mixed precision's ``param_dtype`` (bf16-mixed: bf16). FSDP casts the weights it gathers for the
+        policy, not the reference: the reference is deliberately not sharded (it sits outside the module tree FSDP
+        wraps, a whole copy on every device, ``memory_estimate(reference="live")``; ``precompute_ref_logps`` frees
+        it after fit start), and in the policy's compute dtype it gives the step-0 policy's log-probs."""
+        strategy = self._trainer.strategy if uses_fsdp(self._trainer) else None
+        mixed = getattr(strategy, "mixed_precision_config", None)
+        if mixed is not None and mixed.param_dtype is not None:
+            return mixed.param_dtype
+        return next(self.policy.parameters()).dtype
 
     @torch.no_grad()
     def _precompute_ref_logps(self) -> Tensor:

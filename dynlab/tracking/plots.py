@@ -1,5 +1,6 @@
 """Paper-style figures from runs' probe trajectories: mean Δlog π per probe type over training, the squeezing panel,
-and an overlay of several runs (e.g. baseline SFT→DPO against ExtendSFT→DPO).
+an overlay of several runs (e.g. baseline SFT→DPO against ExtendSFT→DPO), and per run the per-token strips of a
+probe pair (RUN_DIR/tokens) and step-0 CHES against the final Δlog π(y⁺) of each probe pair.
 
     dynlab plot runs/dpo/version_0 [runs/dpo/version_1 ...] --out figures/
 """
@@ -15,9 +16,12 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
+from matplotlib.colors import Normalize  # noqa: E402
+from matplotlib.patches import Rectangle  # noqa: E402
 
-from dynlab.tracking.trajectory import DYNAMICS_DIR, read_trajectory  # noqa: E402
+from dynlab.tracking.trajectory import DYNAMICS_DIR, read_tokens, read_trajectory  # noqa: E402
 
 # colour families: what is trained on / its rephrases (blues), rejected family (reds), other prompts' responses
 # (greens), non-human text (greys), the model's own sample (purple); within a family shade, line and marker differ,
@@ -171,6 +175,13 @@ def plot_runs(run_dirs: Sequence[str | os.PathLike], out_dir: str | os.PathLike)
         similarity = sorted((Path(run) / DYNAMICS_DIR).glob("similarity_step_*.json"))
         if similarity:
             written.append(plot_similarity(similarity, out / f"{prefix}gradient_similarity.png", label))
+        tokens = read_tokens(run)
+        for split in ("train", "test"):
+            if (tokens["split"] == split).any():
+                written.append(plot_token_strips(tokens, split, out / f"{prefix}tokens_{split}.png", label))
+            if "ches_norm" in frame.columns and (frame["split"] == split).any():
+                path = plot_ches_vs_dlogp(frame, split, out / f"{prefix}ches_vs_dlogp_{split}.png", label)
+                written += [path] if path is not None else []
     if len(frames) > 1:
         written.append(plot_overlay(frames, out / "overlay.png"))
     return written
@@ -224,3 +235,111 @@ def save_figure(fig, out: Path) -> Path:
     fig.savefig(out, dpi=110, bbox_inches="tight")
     plt.close(fig)
     return out
+
+
+STRIP_CHARS = 120  # characters per line of a token strip (monospace: a 100-token response takes 3-5 lines)
+STRIP_TYPES = (("chosen", "chosen response y⁺"), ("rejected", "rejected response y⁻"))
+
+
+def _shown(token: str) -> str:
+    """A decoded token as drawn: whitespace other than spaces made visible, an empty one as ∅."""
+    return token.replace("\n", "↵").replace("\t", "⇥").replace("\r", "␍") or "∅"
+
+
+def strip_layout(tokens: Sequence[str], width: int = STRIP_CHARS) -> list[tuple[int, int, str]]:
+    """(line, column, text) of each token, wrapped at ``width`` characters between tokens (a token never split, one
+    longer than a line cut to it) and after a token that ends a line of the text."""
+    out, line, col = [], 0, 0
+    for token in tokens:
+        text = _shown(token)[:width]
+        if col and col + len(text) > width:
+            line, col = line + 1, 0
+        out.append((line, col, text))
+        col += len(text)
+        if token.endswith("\n"):
+            line, col = line + 1, 0
+    return out
+
+
+def plot_token_strips(tokens: pd.DataFrame, split: str, out: Path, title: str) -> Path:
+    """The chosen and the rejected response of the lowest kept probe row (row 0) at the last evaluation, token by
+    token, each token's box coloured by Δ log π(y_t | x, y_<t) since step 0 on one diverging scale centred at 0
+    (blue: more likely than at step 0, red: less; grey: no step-0 value)."""
+    sub = tokens[tokens["split"] == split]
+    step = int(sub["step"].max())
+    sub = sub[sub["step"] == step]
+    row = int(sub["row"].min())
+    shown = [(sub[(sub["row"] == row) & (sub["type"] == t)], name) for t, name in STRIP_TYPES]
+    shown = [(r.iloc[0], name) for r, name in shown if len(r)]
+    deltas = [np.asarray(r["dlogp"] if r["dlogp"] is not None else np.full(len(r["tokens"]), np.nan), dtype=float)
+              for r, _ in shown]
+    finite = np.concatenate([d[np.isfinite(d)] for d in deltas] + [np.zeros(1)])
+    vmax = max(float(np.abs(finite).max()), 1e-6)
+    norm, cmap = Normalize(-vmax, vmax), plt.get_cmap("RdBu")
+    layouts = [strip_layout(list(r["tokens"])) for r, _ in shown]
+    lines = [max(line for line, _, _ in lay) + 1 if lay else 1 for lay in layouts]
+    width_in, margin, line_in, head_in, bar_in = 14.0, 0.25, 0.33, 0.55, 1.0
+    axes_in = width_in - 2 * margin
+    # DejaVu Sans Mono advances 0.602 em per character: 96% of the size at which STRIP_CHARS characters fill a line,
+    # so a token's text stays inside its box
+    fontsize = 0.96 * axes_in * 72 / STRIP_CHARS / 0.602
+    height_in = 0.45 + sum(head_in + n * line_in for n in lines) + bar_in
+    fig = plt.figure(figsize=(width_in, height_in))
+    top = height_in - 0.45
+    for (record, name), layout, delta, n in zip(shown, layouts, deltas, lines):
+        top -= head_in
+        ax = fig.add_axes((margin / width_in, (top - n * line_in) / height_in, axes_in / width_in,
+                           n * line_in / height_in))
+        ax.set(xlim=(0, STRIP_CHARS), ylim=(n, 0))
+        ax.axis("off")
+        for (line, col, text), value in zip(layout, delta):
+            known = np.isfinite(value)
+            colour = cmap(norm(value)) if known else "#cfcfcf"
+            ax.add_patch(Rectangle((col, line + 0.06), len(text), 0.88, facecolor=colour, edgecolor="white", lw=0.8))
+            dark = known and abs(norm(value) - 0.5) > 0.33
+            ax.text(col, line + 0.5, text, fontfamily="DejaVu Sans Mono", fontsize=fontsize, va="center",
+                    ha="left", color="white" if dark else "black")
+        total = np.nansum(delta) if np.isfinite(delta).any() else float("nan")
+        ax.set_title(f"{name}: {len(layout)} tokens, log π(y|x) = {float(np.sum(record['logp'])):.2f}, "
+                     f"Σ_t Δ log π = {total:+.3f} nats since step 0", loc="left", fontsize=11)
+        top -= n * line_in
+    cax = fig.add_axes((0.3, 0.45 / height_in, 0.4, 0.18 / height_in))
+    fig.colorbar(plt.cm.ScalarMappable(norm=norm, cmap=cmap), cax=cax, orientation="horizontal",
+                 label="Δ log π(y_t | x, y_<t) since step 0 (nats): blue more likely, red less")
+    fig.suptitle(f"{title}: per-token change since step 0 at step {step}, probe_{split} row {row} "
+                 "(one box per token; ↵ = newline)", x=margin / width_in, ha="left", y=1 - 0.15 / height_in,
+                 fontsize=12)
+    fig.savefig(out, dpi=110, bbox_inches="tight")
+    plt.close(fig)
+    return out
+
+
+def plot_ches_vs_dlogp(frame: pd.DataFrame, split: str, out: Path, title: str) -> Path | None:
+    """Each probe pair's normalised CHES at step 0 (x) against Δ log π(y⁺) since step 0 at the last evaluation (y),
+    with the Pearson r over the pairs; None (and a printed note) with fewer than 3 pairs that have both."""
+    chosen = frame[(frame["split"] == split) & (frame["type"] == "chosen")]
+    first, last = int(chosen["step"].min()), int(chosen["step"].max())
+    x = chosen[chosen["step"] == first].set_index("row")["ches_norm"]
+    y = chosen[chosen["step"] == last].set_index("row")["dlogp"] if "dlogp" in chosen else pd.Series(dtype=float)
+    both = pd.concat({"x": x, "y": y}, axis=1).dropna()
+    if last == first or len(both) < 3:
+        print(f"dynlab plot: {title}: probe_{split}: {len(both)} probe pairs with a step-0 ches_norm and a final "
+              f"Δ log π(y⁺) (steps {first}..{last}); the CHES scatter needs at least 3, not drawn")
+        return None
+    r = float(np.corrcoef(both["x"], both["y"])[0, 1]) if both["x"].std() > 0 and both["y"].std() > 0 else np.nan
+    fig, ax = plt.subplots(figsize=(6.4, 5.0))
+    ax.scatter(both["x"], both["y"], s=28, color=STYLE["chosen"][0], alpha=0.8, edgecolor="black", lw=0.4)
+    if np.isfinite(r):  # the least-squares line the r measures
+        slope, intercept = np.polyfit(both["x"], both["y"], 1)
+        grid = np.linspace(both["x"].min(), both["x"].max(), 2)
+        ax.plot(grid, slope * grid + intercept, color="black", lw=0.9, ls="--", label="least-squares line")
+        ax.legend(fontsize=8)
+    if both["y"].min() < 0 < both["y"].max():
+        ax.axhline(0, color="k", lw=0.6)
+    ax.set(xlabel="normalised CHES at step 0 (ches_norm)",
+           ylabel=f"Δ log π(y⁺ | x) at step {last} since step 0 (nats)")
+    ax.grid(alpha=0.3)
+    r_text = f"{r:.3f}" if np.isfinite(r) else "undefined (a constant axis)"
+    ax.set_title(f"{title}, probe_{split}: step-0 CHES vs final Δ log π(y⁺)\nPearson r = {r_text}, "
+                 f"n = {len(both)} probe pairs", fontsize=10)
+    return save_figure(fig, out)

@@ -84,6 +84,49 @@ def read_trajectory(run_dir: str | os.PathLike) -> pd.DataFrame:
     return frame.sort_values(list(KEY_COLUMNS), kind="stable").reset_index(drop=True)
 
 
+TOKENS_DIR = Path("tokens")  # per-token views of the first probe_token_examples probe rows
+TOKEN_KEY_COLUMNS = ("step", "split", "row", "type")
+_TOKEN_LISTS = {"token_ids": pa.list_(pa.int32()), "tokens": pa.list_(pa.string()), "logp": pa.list_(pa.float32()),
+                "dlogp": pa.list_(pa.float32()), "reward": pa.list_(pa.float32())}
+
+
+def write_tokens(run_dir: str | os.PathLike, step: int, rows: Iterable[Mapping]) -> Path:
+    """Write (or replace) ``RUN_DIR/tokens/step_XXXXXXXX.parquet``: one row per (split, probe row, type) with the
+    per-token lists ``token_ids``, ``tokens``, ``logp``, ``dlogp`` (and ``reward``), float32 as computed (a list is
+    null where its values are unknown); atomic, like the trajectory files."""
+    frame = pd.DataFrame([{**r, "step": step} for r in rows])
+    out_dir = Path(run_dir) / TOKENS_DIR
+    out_dir.mkdir(parents=True, exist_ok=True)
+    fields = [pa.field("step", pa.int64()), pa.field("split", pa.string()), pa.field("row", pa.int64()),
+              pa.field("type", pa.string())]
+    if not frame.empty:
+        frame = frame.sort_values(["split", "row", "type"], kind="stable").reset_index(drop=True)
+        fields += [pa.field(c, t) for c, t in _TOKEN_LISTS.items() if c in frame.columns]
+    schema = pa.schema(fields)
+    table = pa.Table.from_pandas(frame.reindex(columns=schema.names), schema=schema, preserve_index=False)
+    path = out_dir / f"step_{step:08d}.parquet"
+    fd, tmp = tempfile.mkstemp(dir=out_dir, prefix=".step-", suffix=".parquet")
+    os.close(fd)
+    try:
+        pq.write_table(table, tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return path
+
+
+def read_tokens(run_dir: str | os.PathLike) -> pd.DataFrame:
+    """Every evaluation's per-token views (``write_tokens``), one row per (step, split, row, type), sorted; each
+    per-token column holds a list (a numpy array) per row. Empty if the run kept none."""
+    files = sorted((Path(run_dir) / TOKENS_DIR).glob("step_*.parquet"))
+    frames = [frame for frame in map(pd.read_parquet, files) if not frame.empty]
+    if not frames:
+        return pd.DataFrame(columns=list(TOKEN_KEY_COLUMNS))
+    frame = pd.concat(frames, ignore_index=True)
+    return frame.sort_values(list(TOKEN_KEY_COLUMNS), kind="stable").reset_index(drop=True)
+
+
 def write_jsonl(path: str | os.PathLike, rows: Iterable[Mapping]) -> Path:
     """Write rows as JSON lines atomically (a temporary file renamed into place)."""
     out = Path(path)
